@@ -1,0 +1,1 @@
+"""Evaluation: datasets in VLMEvalKit TSV format, generation, scorers."""

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from fake_quant.gptq import GPTQ, rtn_quantize
+from fake_quant.quant_utils import WeightQuantizer
+
+
+def correlated_inputs(n=2048, d=128, seed=0):
+    """Inputs with strongly correlated channels and uneven scales, as transformer activations have."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(d, d, generator=g)
+    latent = torch.randn(n, d, generator=g) * torch.logspace(0, -2, d)
+    return latent @ basis * torch.linspace(0.5, 2.0, d)
+
+
+def layer(out=64, d=128, seed=1):
+    return torch.randn(out, d, generator=torch.Generator().manual_seed(seed)) / d**0.5
+
+
+def true_output_mse(x, w, q):
+    return float(((x @ w.t() - x @ q.t()) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = correlated_inputs()
+    w = layer()
+    g = GPTQ(w.shape[1])
+    for chunk in x.split(500):
+        g.add_batch(chunk)
+    return x, w, g
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(setup, act_order, group_size, symmetric):
+    x, w, g = setup
+    wq = WeightQuantizer(bits=4, symmetric=symmetric, group_size=group_size)
+    res = g.quantize(w, wq, act_order=act_order)
+    rtn = g.rtn(w, wq)
+    e_gptq, e_rtn = true_output_mse(x, w, res.weight), true_output_mse(x, w, rtn.weight)
+    assert e_gptq < 0.7 * e_rtn, (e_gptq, e_rtn)
+    # the reported errors are the real output errors on the calibration inputs
+    assert res.output_mse == pytest.approx(e_gptq, rel=1e-3)
+    assert rtn.output_mse == pytest.approx(e_rtn, rel=1e-3)
+    assert res.loss > 0 and res.seconds >= 0
+
+
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True)])
+def test_gptq_weights_lie_on_their_group_grids(setup, act_order, static_groups):
+    _, w, g = setup
+    wq = WeightQuantizer(bits=3, symmetric=True, group_size=32)
+    res = g.quantize(w, wq, act_order=act_order, static_groups=static_groups)
+    assert res.qparams.scale.shape == (64, 4)
+    assert res.g_idx.shape == (128,)
+    # each column is an integer multiple of its group's scale, within the 3-bit range
+    scale = res.qparams.scale[:, res.g_idx]
+    codes = res.weight / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= -4 and codes.round().max() <= 3
+    if static_groups or not act_order:
+        assert torch.equal(res.g_idx, torch.arange(128) // 32)
+    else:
+        assert sorted(torch.bincount(res.g_idx).tolist()) == [32] * 4
+
+
+def test_gptq_per_channel_grid_and_dtype(setup):
+    _, w, g = setup
+    res = g.quantize(w.to(torch.bfloat16), WeightQuantizer(bits=4))
+    assert res.weight.dtype == torch.bfloat16
+    codes = res.weight.float() / res.qparams.scale[:, None]
+    assert torch.allclose(codes, codes.round(), atol=0.05)  # bf16 keeps 8 significant bits
+
+
+def test_gptq_mse_clip_runs_and_beats_rtn(setup):
+    x, w, g = setup
+    wq = WeightQuantizer(bits=4, mse=True)
+    assert true_output_mse(x, w, g.quantize(w, wq).weight) < true_output_mse(x, w, rtn_quantize(w, wq).weight)
+
+
+def test_dead_inputs_are_ignored():
+    x = correlated_inputs(512, 64)
+    x[:, 7] = 0.0
+    w = layer(16, 64)
+    g = GPTQ(64)
+    g.add_batch(x)
+    res = g.quantize(w, WeightQuantizer(bits=4))
+    assert res.weight[:, 7].abs().max() == 0
+    assert torch.isfinite(res.weight).all()
+
+
+def test_hessian_is_mean_of_outer_products_regardless_of_batching():
+    x = torch.randn(300, 16)
+    a, b = GPTQ(16), GPTQ(16)
+    a.add_batch(x)
+    for c in x.split(7):
+        b.add_batch(c.reshape(1, -1, 16))
+    assert torch.allclose(a.H, 2 * x.t() @ x / 300, atol=1e-5)
+    assert torch.allclose(a.H, b.H, atol=1e-5) and b.nsamples == 300
+
+
+def test_forward_hook_collects_inputs():
+    lin = torch.nn.Linear(16, 4)
+    g = GPTQ.for_layer(lin)
+    h = lin.register_forward_hook(g.hook)
+    lin(torch.randn(2, 5, 16))
+    h.remove()
+    assert g.nsamples == 10
+
+
+def test_clear_errors():
+    g = GPTQ(8)
+    with pytest.raises(RuntimeError, match="no calibration data"):
+        g.quantize(torch.randn(4, 8), WeightQuantizer())
+    g.add_batch(torch.randn(20, 8))
+    with pytest.raises(ValueError, match="group size 3 does not divide the 8 input columns"):
+        g.quantize(torch.randn(4, 8), WeightQuantizer(group_size=3))
+    with pytest.raises(ValueError, match="input has 9 features"):
+        g.add_batch(torch.randn(2, 9))
+    with pytest.raises(ValueError, match="percdamp must be > 0"):
+        g.quantize(torch.randn(4, 8), WeightQuantizer(), percdamp=0)
