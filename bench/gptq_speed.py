@@ -29,7 +29,7 @@ def correlated_rows(n: int, d: int, device: str, seed: int = 0) -> torch.Tensor:
     rank = min(d, 512)
     latent = torch.randn(n, rank, generator=g) * torch.logspace(0, -2, rank)
     basis = torch.randn(rank, d, generator=g) / rank**0.5
-    noise = 0.01 * torch.randn(n, d, generator=g)
+    noise = 0.1 * torch.randn(n, d, generator=g)
     return (latent @ basis + noise).to(device)
 
 
