@@ -82,6 +82,7 @@ class RotationConfig:
     online_visual_hadamard: bool = False  # --online_visual_hadamard
     online_llm_hadamard: bool = False     # --online_llm_hadamard
     fp32_had: bool = False               # --fp32_had
+    hadamard_fallback: str = "error"     # widths with no Hadamard construction: "error", "pad", "orthogonal"
 
 
 @dataclass
@@ -111,6 +112,9 @@ class QuantConfig:
             errors.append(f"GPTQ block size must be >= 1, got {self.gptq.blocksize}")
         if self.rotation.mode not in ("hadamard", "random"):
             errors.append(f"--rotate_mode must be 'hadamard' or 'random', got {self.rotation.mode!r}")
+        if self.rotation.hadamard_fallback not in ("error", "pad", "orthogonal"):
+            errors.append("--hadamard_fallback must be 'error', 'pad' or 'orthogonal', "
+                          f"got {self.rotation.hadamard_fallback!r}")
         if self.nsamples < 0:
             errors.append(f"--nsamples must be >= 0, got {self.nsamples}")
         if errors:

@@ -28,6 +28,7 @@ def test_valid_config_passes_and_serializes():
         (lambda c: setattr(c.llm.act, "clip_ratio", 1.5), ["--a_clip_ratio"]),
         (lambda c: setattr(c.gptq, "percdamp", 0.0), ["--percdamp"]),
         (lambda c: setattr(c.rotation, "mode", "givens"), ["--rotate_mode"]),
+        (lambda c: setattr(c.rotation, "hadamard_fallback", "zero"), ["--hadamard_fallback"]),
         (lambda c: setattr(c.visual.weight, "group_size", 0), ["--w_groupsize"]),
         (lambda c: setattr(c, "nsamples", 0), ["--visual_static", "--nsamples"]),
         (lambda c: setattr(c.llm.act, "bits", 16), ["--llm_static", "--llm_a_bits"]),

@@ -1,0 +1,333 @@
+"""Computational-invariance transforms (QuaRot-style), driven by :mod:`fake_quant.spec`.
+
+Order for one stack (vision encoder or LLM):
+
+1. ``untie``: give a tied head its own weight.
+2. ``fold_layer_scales``: multiply LayerScale vectors into the layers that produce them.
+3. ``bake_mean_out`` (LayerNorm stacks only): make every writer produce zero-mean vectors, so the
+   residual stream has zero mean and LayerNorm equals RMSNorm.
+4. ``fuse_norms``: move each norm's scale (and LayerNorm's bias) into the linear layers reading it,
+   and replace the norm by a weightless RMSNorm with the same eps.
+5. ``rotate_stack``: residual rotation Q: writers' outputs by Q^T, readers' inputs by Q.
+6. ``rotate_ov``: a Hadamard per head between V and O.
+7. ``add_online_hadamard``: fold H into the MLP output layer and apply H to its input at run time.
+
+Every weight is transformed in float64 and written back in its own dtype. Steps 1-4 leave the
+model's function unchanged on their own; 5-7 need 1-4 first (a rotation only commutes with a
+weightless RMSNorm).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import hadamard_utils as hu
+from .quant_utils import QuantLinear
+from .spec import Reader, StackSpec, Writer, get, join, scale_param, set_module
+
+log = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm (what a fused LayerNorm / RMSNorm becomes), computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}"
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers on weights
+# ---------------------------------------------------------------------------------------------
+def _linear(root: nn.Module, path: str) -> nn.Linear:
+    m = get(root, path)
+    if isinstance(m, QuantLinear):
+        return m  # shares weight / bias attributes with nn.Linear
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"{path}: expected nn.Linear, found {type(m).__name__}")
+    return m
+
+
+def _write(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
+
+
+def _ensure_bias(linear: nn.Linear) -> torch.Tensor:
+    if linear.bias is None:
+        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                               device=linear.weight.device))
+    return linear.bias
+
+
+def _eps(norm: nn.Module) -> float:
+    for name in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(norm, name):
+            return float(getattr(norm, name))
+    raise ValueError(f"cannot find the epsilon of {type(norm).__name__}")
+
+
+def _norm_params(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    w = getattr(norm, "weight", None)
+    b = getattr(norm, "bias", None)
+    return (w if isinstance(w, torch.Tensor) else None, b if isinstance(b, torch.Tensor) else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-4: function-preserving rewrites
+# ---------------------------------------------------------------------------------------------
+def untie(model: nn.Module, stack: StackSpec) -> None:
+    if stack.tied is None:
+        return
+    emb, head = get(model, stack.tied[0]), _linear(model, stack.tied[1])
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+        log.info("%s: untied %s from %s", stack.name, stack.tied[1], stack.tied[0])
+
+
+def fold_layer_scales(model: nn.Module, stack: StackSpec) -> None:
+    b = stack.block
+    for bp in stack.block_paths(model):
+        for scale_path, writer in ((b.attn_scale, b.attn.o), (b.mlp_scale, b.mlp_out)):
+            if scale_path is None:
+                continue
+            lam = scale_param(model, join(bp, scale_path))
+            lin = _linear(model, join(bp, writer))
+            s = lam.detach().double()
+            _write(lin.weight, lin.weight.double() * s[:, None])
+            if lin.bias is not None:
+                _write(lin.bias, lin.bias.double() * s)
+            lam.data.fill_(1.0)
+
+
+def _writers(model: nn.Module, stack: StackSpec) -> list[Writer]:
+    out = list(stack.writers)
+    for bp in stack.block_paths(model):
+        out += [Writer(join(bp, stack.block.attn.o)), Writer(join(bp, stack.block.mlp_out))]
+    return out
+
+
+def bake_mean_out(model: nn.Module, stack: StackSpec) -> None:
+    """Subtract, from every writer, the mean over the stream dimension of what it writes."""
+    for w in _writers(model, stack):
+        if w.kind == "linear":
+            lin = _linear(model, w.path)
+            W = lin.weight.double()
+            _write(lin.weight, W - W.mean(dim=0, keepdim=True))
+            if lin.bias is not None:
+                _write(lin.bias, lin.bias.double() - lin.bias.double().mean())
+        elif w.kind == "conv":
+            conv = get(model, w.path)
+            W = conv.weight.double()
+            _write(conv.weight, W - W.mean(dim=0, keepdim=True))
+            if conv.bias is not None:
+                _write(conv.bias, conv.bias.double() - conv.bias.double().mean())
+        elif w.kind == "embedding":
+            p = get(model, w.path).weight
+            _write(p, p.double() - p.double().mean(dim=-1, keepdim=True))
+        elif w.kind == "param":
+            p = get(model, w.path)
+            _write(p, p.double() - p.double().mean(dim=-1, keepdim=True))
+        else:
+            raise ValueError(f"unknown writer kind {w.kind!r} at {w.path}")
+
+
+def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader]) -> None:
+    """Fold ``norm``'s scale and bias into its readers, then replace it by a weightless RMSNorm."""
+    norm = get(model, norm_path)
+    weight, bias = _norm_params(norm)
+    for r in readers:
+        lin = _linear(model, r.path)
+        W = lin.weight.double()
+        if weight is not None:
+            W_scaled = W * weight.detach().double().repeat(r.chunks)[None, :]
+        else:
+            W_scaled = W
+        if bias is not None and bool(torch.any(bias != 0)):
+            shift = W @ bias.detach().double().repeat(r.chunks)
+            b = _ensure_bias(lin)
+            _write(b, b.double() + shift)
+        _write(lin.weight, W_scaled)
+    hidden = (weight.numel() if weight is not None else None) or getattr(norm, "normalized_shape", [None])[0]
+    set_module(model, norm_path, RMSNorm(int(hidden), _eps(norm)))
+
+
+def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
+    b = stack.block
+    for bp in stack.block_paths(model):
+        fuse_norm_into(model, join(bp, b.attn_norm), [Reader(join(bp, p)) for p in b.attn.inputs])
+        fuse_norm_into(model, join(bp, b.mlp_norm), [Reader(join(bp, p)) for p in b.mlp_in])
+    if stack.final_norm is not None:
+        fuse_norm_into(model, stack.final_norm, list(stack.readers))
+
+
+def make_rotation_ready(model: nn.Module, stack: StackSpec) -> None:
+    """Steps 1-4: after this the stack's norms are weightless RMSNorms and it computes the same function."""
+    untie(model, stack)
+    fold_layer_scales(model, stack)
+    if stack.norm_kind == "layernorm":
+        bake_mean_out(model, stack)
+    fuse_norms(model, stack)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5-7: rotations
+# ---------------------------------------------------------------------------------------------
+def rotation_matrix(n: int, mode: str = "hadamard", seed: int = 0, fallback: str = "error") -> torch.Tensor:
+    """Orthogonal float64 ``n x n``: a random-sign Hadamard (``"hadamard"``) or Haar-random (``"random"``)."""
+    if mode == "hadamard":
+        if hu.is_constructible(n):
+            return hu.random_hadamard_matrix(n, seed)
+        if fallback != "orthogonal":
+            raise ValueError(
+                f"no exact Hadamard matrix of order {n} for the residual rotation; use "
+                "--rotate_mode random or the 'orthogonal' Hadamard fallback (padding cannot change "
+                "the width of a residual stream)"
+            )
+        plan = hu.get_plan(n, "orthogonal", seed)
+        g = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+        return signs[:, None] * plan.matrix() / math.sqrt(n)
+    if mode == "random":
+        g = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))
+    raise ValueError(f"unknown rotation mode {mode!r}: use 'hadamard' or 'random'")
+
+
+def rotate_reader(lin: nn.Linear, Q: torch.Tensor, chunks: int = 1) -> None:
+    W = lin.weight.double()
+    Qd = Q.to(W.device)
+    W = W.reshape(W.shape[0], chunks, -1) @ Qd
+    _write(lin.weight, W.reshape(lin.weight.shape))
+
+
+def rotate_writer(model: nn.Module, w: Writer, Q: torch.Tensor) -> None:
+    if w.kind == "linear":
+        lin = _linear(model, w.path)
+        Qd = Q.to(lin.weight.device)
+        _write(lin.weight, Qd.t() @ lin.weight.double())
+        if lin.bias is not None:
+            _write(lin.bias, lin.bias.double() @ Qd)
+    elif w.kind == "conv":
+        conv = get(model, w.path)
+        Qd = Q.to(conv.weight.device)
+        W = conv.weight.double()
+        _write(conv.weight, (Qd.t() @ W.reshape(W.shape[0], -1)).reshape(W.shape))
+        if conv.bias is not None:
+            _write(conv.bias, conv.bias.double() @ Qd)
+    elif w.kind in ("embedding", "param"):
+        p = get(model, w.path)
+        p = p.weight if w.kind == "embedding" else p
+        _write(p, p.double() @ Q.to(p.device))
+    else:
+        raise ValueError(f"unknown writer kind {w.kind!r} at {w.path}")
+
+
+def rotate_stack(model: nn.Module, stack: StackSpec, Q: torch.Tensor) -> None:
+    """Residual rotation by Q (stack must be rotation-ready)."""
+    for w in _writers(model, stack):
+        rotate_writer(model, w, Q)
+    b = stack.block
+    for bp in stack.block_paths(model):
+        for p in (*b.attn.inputs, *b.mlp_in):
+            rotate_reader(_linear(model, join(bp, p)), Q)
+    for r in stack.readers:
+        rotate_reader(_linear(model, r.path), Q, r.chunks)
+
+
+def rotate_ov(model: nn.Module, stack: StackSpec) -> None:
+    """Hadamard per head between V and O (GQA-aware: each KV head's V is rotated once, and every
+    query head's slice of O undoes it)."""
+    a = stack.block.attn
+    hd = a.head_dim
+    for bp in stack.block_paths(model):
+        v_path, start = a.v_rows()
+        v = _linear(model, join(bp, v_path))
+        rows = slice(start, start + a.num_kv_heads * hd)
+        Wv = v.weight.double()[rows].reshape(a.num_kv_heads, hd, -1)
+        Wv = hu.hadamard_transform(Wv.transpose(1, 2)).transpose(1, 2)   # H~ W_vh per head
+        W = v.weight.double().clone()
+        W[rows] = Wv.reshape(-1, W.shape[1])
+        _write(v.weight, W)
+        if v.bias is not None:
+            bvec = v.bias.double().clone()
+            bvec[rows] = hu.hadamard_transform(bvec[rows].reshape(a.num_kv_heads, hd)).reshape(-1)
+            _write(v.bias, bvec)
+        o = _linear(model, join(bp, a.o))
+        Wo = o.weight.double().reshape(o.weight.shape[0], a.num_heads, hd)
+        _write(o.weight, hu.hadamard_transform(Wo).reshape(o.weight.shape))  # W_oh H~^T per head
+
+
+def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, fallback: str = "error") -> list[str]:
+    """Fold H~^T into each MLP output layer and wrap it so H~ is applied to its input at run time.
+
+    With the ``"pad"`` fallback the layer's input is zero-padded to the next constructible width
+    inside the online transform, and its weight gets matching zero columns (no bias is added)."""
+    wrapped = []
+    for bp in stack.block_paths(model):
+        path = join(bp, stack.block.mlp_out)
+        lin = _linear(model, path)
+        plan = hu.get_plan(lin.in_features, fallback)
+        W = lin.weight.double()
+        if plan.out_dim != lin.in_features:
+            W = nn.functional.pad(W, (0, plan.out_dim - lin.in_features))
+        Wr = hu.hadamard_transform(W, plan=hu.get_plan(plan.out_dim) if plan.kind == "pad" else plan)
+        online = hu.OnlineHadamard(lin.in_features, fp32=fp32, fallback=fallback)
+        if isinstance(lin, QuantLinear):
+            lin.online_rotation, lin.use_online_rotation = online, True
+            ql = lin
+        else:
+            ql = QuantLinear(lin, online_rotation=online)
+        ql.weight = nn.Parameter(Wr.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
+        ql.in_features = plan.out_dim
+        set_module(model, path, ql)
+        wrapped.append(path)
+    return wrapped
+
+
+@dataclass
+class RotationOptions:
+    mode: str = "hadamard"         # residual rotation: "hadamard" or "random"
+    seed: int = 0
+    online_hadamard: bool = False  # on the MLP output layers
+    rotate_ov: bool = True
+    fp32_had: bool = False
+    fallback: str = "error"        # for widths without a Hadamard construction
+    report: dict = field(default_factory=dict)
+
+
+def rotate(model: nn.Module, stacks: list[StackSpec], options: dict[str, RotationOptions]) -> dict:
+    """Make every stack rotation-ready, then rotate those named in ``options``.
+
+    ``stacks`` must list every stack whose writers or readers touch a rotated stream (e.g. both the
+    vision encoder and the LLM, since the connector writes into the LLM stream)."""
+    report: dict = {}
+    for s in stacks:
+        make_rotation_ready(model, s)
+    for s in stacks:
+        opt = options.get(s.name)
+        if opt is None:
+            continue
+        Q = rotation_matrix(s.hidden_size, opt.mode, opt.seed, opt.fallback)
+        rotate_stack(model, s, Q)
+        if opt.rotate_ov:
+            rotate_ov(model, s)
+        online = add_online_hadamard(model, s, opt.fp32_had, opt.fallback) if opt.online_hadamard else []
+        report[s.name] = {"mode": opt.mode, "seed": opt.seed, "online_hadamard": online}
+        log.info("rotated %s (%s, seed %d); online Hadamard on %d layers", s.name, opt.mode, opt.seed, len(online))
+    return report

@@ -1,0 +1,136 @@
+"""Model-agnostic description of residual-stream transformers, filled in by the model adapters.
+
+A *stack* is one residual stream (a vision encoder, or the language model): what writes into it
+before the first block (embeddings, patch embedding, class token, position table, a connector's
+output layer), its blocks, its final norm and the layers that read that norm's output.
+Everything is a dotted module / parameter path from the model root, so the rotation and
+quantization code never needs to know which model family it is working on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Writer:
+    """Something that adds into the residual stream. ``kind``: ``linear`` (an nn.Linear output),
+    ``embedding`` (an nn.Embedding table), ``conv`` (a patch-embedding convolution's output
+    channels) or ``param`` (a tensor whose last dimension is the stream: class token, position table)."""
+
+    path: str
+    kind: str = "linear"
+
+
+@dataclass(frozen=True)
+class Reader:
+    """An nn.Linear that reads the (normalized) stream. ``chunks > 1``: its input is ``chunks``
+    stream vectors concatenated (a patch merger reading 2x2 neighbouring tokens)."""
+
+    path: str
+    chunks: int = 1
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    o: str                                 # output projection (relative to the block)
+    q: str | None = None                   # separate projections ...
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None                 # ... or one packed [q; k; v] projection
+
+    def __post_init__(self) -> None:
+        separate = self.q and self.k and self.v
+        if bool(separate) == bool(self.qkv):
+            raise ValueError("AttentionSpec needs either q, k and v, or qkv")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
+
+    def v_rows(self) -> tuple[str, int]:
+        """(path of the layer producing V, first row of V in its weight)."""
+        if self.qkv:
+            return self.qkv, (self.num_heads + self.num_kv_heads) * self.head_dim
+        return self.v, 0
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Paths inside one pre-norm block."""
+
+    attn_norm: str
+    attn: AttentionSpec
+    mlp_norm: str
+    mlp_in: tuple[str, ...]                # gate/up or fc1
+    mlp_out: str                           # down / fc2
+    attn_scale: str | None = None          # LayerScale applied to the attention output
+    mlp_scale: str | None = None           # LayerScale applied to the MLP output
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    name: str                              # "visual" or "llm"
+    hidden_size: int
+    blocks: str                            # path of the nn.ModuleList of blocks
+    block: BlockSpec
+    norm_kind: str                         # "layernorm" or "rmsnorm"
+    writers: tuple[Writer, ...]            # writers before the first block
+    final_norm: str | None
+    readers: tuple[Reader, ...]            # readers of the final norm's output
+    tied: tuple[str, str] | None = None    # (embedding path, head path) sharing one weight
+
+    def __post_init__(self) -> None:
+        if self.norm_kind not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm_kind must be 'layernorm' or 'rmsnorm', got {self.norm_kind!r}")
+
+    def block_paths(self, model: nn.Module) -> list[str]:
+        return [f"{self.blocks}.{i}" for i in range(len(get(model, self.blocks)))]
+
+
+def get(root: nn.Module, path: str):
+    """Module or parameter at a dotted path (``""`` is the root)."""
+    obj = root
+    for part in filter(None, path.split(".")):
+        obj = obj[int(part)] if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential)) else getattr(obj, part)
+    return obj
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    owner = get(root, parent)
+    if name.isdigit() and isinstance(owner, (nn.ModuleList, nn.Sequential)):
+        owner[int(name)] = new
+    else:
+        setattr(owner, name, new)
+
+
+def join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def first_existing(root: nn.Module, candidates: tuple[str, ...]) -> str:
+    """The first dotted path that exists in ``root`` (module layouts differ between library versions)."""
+    for c in candidates:
+        try:
+            get(root, c)
+            return c
+        except (AttributeError, IndexError):
+            continue
+    raise ValueError(f"none of the module paths {candidates} exists in {type(root).__name__}")
+
+
+def scale_param(root: nn.Module, path: str) -> nn.Parameter:
+    """A LayerScale vector: a parameter at ``path``, or the single parameter of the module there."""
+    obj = get(root, path)
+    if isinstance(obj, torch.Tensor):
+        return obj
+    params = list(obj.parameters(recurse=False))
+    if len(params) != 1:
+        raise ValueError(f"{path}: expected a LayerScale with one parameter, found {len(params)}")
+    return params[0]
