@@ -176,3 +176,19 @@ def test_dinov2_with_layerscale_rotated_gives_the_same_output():
     with torch.no_grad():
         out = m(x)
     assert rel_diff(out, ref) <= 1e-4
+
+
+def test_layernorm_bias_is_fused_into_a_reader_without_bias():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 5, bias=False))
+    with torch.no_grad():
+        m[0].weight.normal_()
+        m[0].bias.normal_()
+    x = torch.randn(3, 12)
+    ref = m(x)
+    ru.fuse_norm_into(m, "0", [Reader("1")])
+    assert m[1].bias is not None and isinstance(m[1].bias, nn.Parameter)
+    assert isinstance(m[0], ru.RMSNorm)
+    # a LayerNorm is an RMSNorm of the centred input: centre, then compare
+    xc = x - x.mean(-1, keepdim=True)
+    assert torch.allclose(m(xc), ref, atol=1e-5)
