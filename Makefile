@@ -5,7 +5,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all bench clean
+.PHONY: demo selfcheck test test-slow test-all bench clean
+
+# The paper's W4A8 flag set (vision W4A8, LLM W4A8, static activations, rotations, online Hadamard)
+# on the built-in tiny random Qwen2-VL.
+DEMO_FLAGS := --model_path tiny --rotate --rotate_visual_clip --rotate_visual_cross_attn --rotate_llm \
+	--visual_w_bits 4 --visual_a_bits 8 --llm_w_bits 4 --llm_a_bits 8 --quant --quant_llm --quant_visual_clip \
+	--quant_cross_attention --visual_w_clip --llm_w_clip --visual_static --llm_static --online_llm_hadamard \
+	--online_visual_hadamard --act_order --nsamples 8 --calib_num 16 --output_dir outputs/demo
 
 $(STAMP): requirements.txt constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ needed, found " + sys.version'
@@ -14,6 +21,9 @@ $(STAMP): requirements.txt constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) exam/quant_qwen2vl.py $(DEMO_FLAGS)
+
+selfcheck: $(STAMP)
 	$(PY) -m fake_quant.selfcheck
 
 test: $(STAMP)

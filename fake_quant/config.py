@@ -86,17 +86,37 @@ class RotationConfig:
 
 
 @dataclass
+class RMSConfig:
+    visual: bool = False        # --visual_split
+    llm: bool = False           # --llm_split
+
+
+@dataclass
 class QuantConfig:
     visual: PartConfig = field(default_factory=lambda: PartConfig("visual"))
     llm: PartConfig = field(default_factory=lambda: PartConfig("llm"))
+    connector: bool = False      # --quant_cross_attention: the connector, with the visual settings
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
-    nsamples: int = 128          # --nsamples: calibration samples
+    rms: RMSConfig = field(default_factory=RMSConfig)
+    nsamples: int = 128          # --nsamples: calibration samples for GPTQ
+    calib_num: int = 32          # --calib_num: calibration samples for static activation scales
     seed: int = 0                # --seed
     skip_names: tuple[str, ...] = ()  # --skip_names: linear layers left in FP
 
     def parts(self) -> tuple[PartConfig, PartConfig]:
         return (self.visual, self.llm)
+
+    def part(self, name: str) -> PartConfig | None:
+        """Settings of a quantization part ("visual", "connector", "llm"), None if not quantized."""
+        if name == "connector":
+            return self.visual if self.connector else None
+        p = {"visual": self.visual, "llm": self.llm}[name]
+        return p if p.quantize else None
+
+    @property
+    def any_quantized(self) -> bool:
+        return self.visual.quantize or self.llm.quantize or self.connector
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,6 +137,24 @@ class QuantConfig:
                           f"got {self.rotation.hadamard_fallback!r}")
         if self.nsamples < 0:
             errors.append(f"--nsamples must be >= 0, got {self.nsamples}")
+        if self.calib_num < 0:
+            errors.append(f"--calib_num must be >= 0, got {self.calib_num}")
+        r = self.rotation
+        if (r.visual or r.llm) and not r.rotate:
+            errors.append("--rotate_visual_clip / --rotate_llm need --rotate")
+        if r.rotate and not (r.visual or r.llm):
+            errors.append("--rotate needs --rotate_visual_clip and/or --rotate_llm")
+        if r.online_llm_hadamard and not r.llm:
+            errors.append("--online_llm_hadamard needs --rotate_llm (the Hadamard folded into down_proj "
+                          "is part of the LLM rotation)")
+        if r.online_visual_hadamard and not r.visual:
+            errors.append("--online_visual_hadamard needs --rotate_visual_clip")
+        if self.rms.visual and not r.online_visual_hadamard:
+            errors.append("--visual_split needs --online_visual_hadamard (it splits the channel the online "
+                          "Hadamard concentrates)")
+        if self.rms.llm and not r.online_llm_hadamard:
+            errors.append("--llm_split needs --online_llm_hadamard (it splits the channel the online "
+                          "Hadamard concentrates)")
         if errors:
             raise ValueError("invalid quantization settings:\n  - " + "\n  - ".join(errors))
         return self
@@ -146,8 +184,8 @@ def _part_errors(p: PartConfig, cfg: QuantConfig) -> list[str]:
         errs.append(f"{p.flag('act_per_tensor')} cannot be combined with {p.flag('a_groupsize')} {a.group_size}")
     if cfg.gptq.act_order and w.rtn and w.enabled and p.quantize:
         errs.append(f"--act_order only applies to GPTQ; it cannot be combined with {p.flag('w_rtn')}")
-    if p.quantize and a.static and cfg.nsamples < 1:
-        errs.append(f"{p.flag('static')} needs calibration data: set --nsamples >= 1")
+    if p.quantize and a.static and cfg.calib_num < 1:
+        errs.append(f"{p.flag('static')} needs calibration data: set --calib_num >= 1")
     if p.quantize and w.enabled and not w.rtn and cfg.nsamples < 1:
         errs.append(f"GPTQ on the {p.name} weights needs calibration data: set --nsamples >= 1 "
                     f"or use {p.flag('w_rtn')}")

@@ -123,6 +123,7 @@ class QuantLinear(nn.Module):
         self.output_quantizer = output_quantizer
         self.weight_quantizer = weight_quantizer
         self.weight_quantized = False
+        self.capture = None  # callable(x) fed with the linear's actual input (after the online rotation)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
 
@@ -155,6 +156,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_rotation is not None and self.use_online_rotation:
             x = self.online_rotation(x)
+        if self.capture is not None:
+            self.capture(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         y = F.linear(x, self.effective_weight(), self.bias)

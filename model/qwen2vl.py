@@ -1,33 +1,48 @@
-"""Qwen2-VL / Qwen2.5-VL layout as data: where the vision blocks, the merger and the LLM layers are.
+"""Qwen2-VL and Qwen2.5-VL: layouts as data, plus loading and input building.
 
 transformers 5.x nests the towers as ``model.visual`` / ``model.language_model``; 4.4x had
 ``visual`` / ``model`` at the top. Paths are resolved against the loaded model.
+
+Qwen2-VL: LayerNorm ViT with a plain MLP (fc1/fc2); Qwen2.5-VL: RMSNorm ViT with a gated MLP
+(gate/up/down). Both: Conv3d patch embedding, packed qkv, a merger whose ``ln_q`` normalizes
+each patch before 2x2 neighbours are concatenated, and a Qwen2 LLM with M-RoPE.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fake_quant.spec import AttentionSpec, BlockSpec, Reader, StackSpec, Writer, first_existing, get, join
+
+from . import tiny
+from .base import Loaded, ModelAdapter, Sample, Segment
+from .registry import register
 
 VISUAL_PATHS = ("model.visual", "visual")
 LLM_PATHS = ("model.language_model", "model")
 
 
-def _cfg(config, name):
-    return getattr(config, name)
+def _llm_path(model: nn.Module) -> str:
+    for p in LLM_PATHS:
+        try:
+            get(model, join(p, "layers"))
+            return p
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the language model's layers under any of {LLM_PATHS}")
 
 
 def stacks(model: nn.Module) -> list[StackSpec]:
     cfg = model.config
     vcfg, tcfg = cfg.vision_config, getattr(cfg, "text_config", cfg)
     vis = first_existing(model, VISUAL_PATHS)
-    llm = first_existing(model, tuple(p for p in LLM_PATHS if _has_layers(model, p)))
+    llm = _llm_path(model)
 
-    vdim = vcfg.embed_dim if hasattr(vcfg, "embed_dim") else vcfg.hidden_size
+    vblock0 = get(model, f"{vis}.blocks.0")
+    vdim = vblock0.attn.qkv.in_features
     vheads = vcfg.num_heads
     merge = vcfg.spatial_merge_size ** 2
-    vblock0 = get(model, f"{vis}.blocks.0")
-    gated = hasattr(vblock0.mlp, "gate_proj")  # Qwen2.5-VL: SwiGLU vision MLP and RMSNorm
+    gated = hasattr(vblock0.mlp, "gate_proj")
     vnorm = "rmsnorm" if "RMSNorm" in type(vblock0.norm1).__name__ else "layernorm"
     visual = StackSpec(
         name="visual",
@@ -47,13 +62,10 @@ def stacks(model: nn.Module) -> list[StackSpec]:
         readers=(Reader(f"{vis}.merger.mlp.0", chunks=merge),),
     )
 
-    heads, kv = tcfg.num_attention_heads, tcfg.num_key_value_heads
-    hidden = tcfg.hidden_size
-    head = "lm_head"
+    heads, kv, hidden = tcfg.num_attention_heads, tcfg.num_key_value_heads, tcfg.hidden_size
     emb = join(llm, "embed_tokens")
-    tied = None
-    if get(model, head).weight is get(model, emb).weight:
-        tied = (emb, head)
+    head = "lm_head"
+    tied = (emb, head) if get(model, head).weight is get(model, emb).weight else None
     language = StackSpec(
         name="llm",
         hidden_size=hidden,
@@ -76,9 +88,71 @@ def stacks(model: nn.Module) -> list[StackSpec]:
     return [visual, language]
 
 
-def _has_layers(model: nn.Module, path: str) -> bool:
-    try:
-        get(model, join(path, "layers"))
-        return True
-    except AttributeError:
-        return False
+@register
+class Qwen2VLAdapter(ModelAdapter):
+    name = "qwen2vl"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+
+    def _model_class(self):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+
+    def _tiny(self, seed: int = 0) -> nn.Module:
+        return tiny.qwen2vl_model(seed=seed)
+
+    def load(self, model_path: str, device: str, dtype: torch.dtype) -> Loaded:
+        if model_path == "tiny":
+            model = self._tiny()
+            processor = tiny.TinyQwenProcessor()
+        else:
+            from transformers import AutoProcessor
+
+            model = self._model_class().from_pretrained(model_path, dtype=dtype).eval()
+            processor = AutoProcessor.from_pretrained(model_path)
+        model = model.to(device=device, dtype=dtype).eval()
+        return Loaded(model=model, processor=processor, path=model_path)
+
+    def stacks(self, model: nn.Module) -> list[StackSpec]:
+        return stacks(model)
+
+    def segments(self, model: nn.Module) -> list[Segment]:
+        vis = first_existing(model, VISUAL_PATHS)
+        llm = _llm_path(model)
+        nv = len(get(model, f"{vis}.blocks"))
+        nl = len(get(model, join(llm, "layers")))
+        return [
+            Segment("visual", tuple(f"{vis}.blocks.{i}" for i in range(nv))),
+            Segment("connector", (f"{vis}.merger",)),
+            Segment("llm", tuple(join(llm, f"layers.{i}") for i in range(nl))),
+        ]
+
+    def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
+        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
+        messages = [{"role": "user", "content": content}]
+        proc = loaded.processor
+        prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt")
+        if "mm_token_type_ids" not in inputs:
+            inputs["mm_token_type_ids"] = (inputs["input_ids"] == loaded.model.config.image_token_id).int()
+        dtype = next(loaded.model.parameters()).dtype
+        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+
+    def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:
+        cfg = loaded.model.config
+        ids = inputs["input_ids"]
+        return (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+
+
+@register
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    name = "qwen2_5vl"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def _model_class(self):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def _tiny(self, seed: int = 0) -> nn.Module:
+        return tiny.qwen25vl_model(seed=seed)

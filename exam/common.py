@@ -1,0 +1,271 @@
+"""The shared command line of every ``exam/quant_*.py`` script: one parser, one main.
+
+Flags follow the MQuant paper's scripts, so their commands run unchanged; a few of ours are added
+(``--model_path``, ``--data_root``, ``--output_dir``, ``--device``, ``--dtype``, ``--hadamard_fallback``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from fake_quant import checkpoint, pipeline
+from fake_quant.config import ActConfig, GPTQConfig, PartConfig, QuantConfig, RMSConfig, RotationConfig, WeightConfig
+
+log = logging.getLogger("mquant")
+
+BUILTIN_ROWS = 256  # size of the built-in calibration set (evaluation.builtin)
+
+
+def build_parser(family: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"quant_{family}.py",
+        description="Rotate and quantize a multimodal LLM (MQuant: static W4A8), then evaluate it.",
+    )
+    a = p.add_argument
+    g = p.add_argument_group("model and run")
+    g.add_argument("--model_path", required=True,
+                   help="local checkpoint folder (config.json + safetensors), or 'tiny' for the built-in tiny random model")
+    g.add_argument("--data_root", default=os.environ.get("LMUData", os.path.expanduser("~/LMUData")),
+                   help="folder with the VLMEvalKit-format dataset TSVs (default: $LMUData or ~/LMUData)")
+    g.add_argument("--output_dir", default="outputs", help="where results.json is written")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--dataset_name", default=None,
+                   help="benchmark to calibrate on and evaluate (default: the built-in generated set, no evaluation)")
+    g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
+    g.add_argument("--calib_num", type=int, default=32, help="calibration samples for static activation scales")
+    g.add_argument("--dump_gptq", default=None, help="folder to save the quantized model to (safetensors)")
+    g.add_argument("--load_gptq", default=None, help="folder of a saved quantized model: skips rotation-time GPTQ and calibration")
+
+    g = p.add_argument_group("rotation")
+    g.add_argument("--rotate", action="store_true", help="enable rotation (then pick the parts below)")
+    g.add_argument("--rotate_visual_clip", action="store_true", help="rotate the vision encoder's residual stream")
+    g.add_argument("--rotate_visual_cross_attn", action="store_true",
+                   help="rotate the connector; for connectors without cross-attention (Qwen2-VL's merger) the "
+                        "connector is rotated with the streams it bridges, so this adds nothing")
+    g.add_argument("--rotate_llm", action="store_true", help="rotate the LLM's residual stream")
+    g.add_argument("--rotate_mode", default="hadamard", choices=["hadamard", "random"])
+    g.add_argument("--online_visual_hadamard", action="store_true", help="online Hadamard before the vision MLP output layer")
+    g.add_argument("--online_llm_hadamard", action="store_true", help="online Hadamard before the LLM down_proj")
+    g.add_argument("--fp32_had", action="store_true", help="compute online Hadamard transforms in float32")
+    g.add_argument("--hadamard_fallback", default="error", choices=["error", "pad", "orthogonal"],
+                   help="for widths with no Hadamard construction: fail, zero-pad, or a random orthogonal block")
+    g.add_argument("--visual_split", action="store_true", help="rotation magnitude suppression in the vision MLP")
+    g.add_argument("--llm_split", action="store_true", help="rotation magnitude suppression in the LLM MLP")
+
+    g = p.add_argument_group("quantization")
+    g.add_argument("--quant", action="store_true", help="enable quantization (then pick the parts below)")
+    g.add_argument("--quant_visual_clip", action="store_true", help="quantize the vision encoder")
+    g.add_argument("--quant_cross_attention", action="store_true", help="quantize the connector (visual settings)")
+    g.add_argument("--quant_llm", action="store_true", help="quantize the LLM")
+    g.add_argument("--visual_w_bits", type=int, default=4)
+    g.add_argument("--visual_a_bits", type=int, default=8)
+    g.add_argument("--llm_w_bits", type=int, default=4)
+    g.add_argument("--llm_a_bits", type=int, default=8)
+    g.add_argument("--w_groupsize", type=int, default=-1)
+    g.add_argument("--a_groupsize", type=int, default=-1)
+    g.add_argument("--w_asym", action="store_true")
+    g.add_argument("--a_asym", action="store_true")
+    g.add_argument("--a_clip_ratio", type=float, default=1.0)
+    g.add_argument("--act_per_tensor", action="store_true", help="dynamic per-tensor instead of per-token activations")
+    g.add_argument("--visual_static", action="store_true", help="static per-tensor activation scales in the vision part")
+    g.add_argument("--llm_static", action="store_true", help="static per-tensor activation scales in the LLM")
+    g.add_argument("--visual_w_clip", action="store_true", help="MSE clip search for vision weights")
+    g.add_argument("--llm_w_clip", action="store_true", help="MSE clip search for LLM weights")
+    g.add_argument("--visual_w_rtn", action="store_true", help="round-to-nearest instead of GPTQ for vision weights")
+    g.add_argument("--llm_w_rtn", action="store_true", help="round-to-nearest instead of GPTQ for LLM weights")
+    g.add_argument("--percdamp", type=float, default=0.01)
+    g.add_argument("--act_order", action="store_true")
+    g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> QuantConfig:
+    def part(name: str, quantize: bool, w_bits, a_bits, static, w_clip, w_rtn) -> PartConfig:
+        return PartConfig(
+            name=name, quantize=args.quant and quantize,
+            weight=WeightConfig(bits=w_bits, symmetric=not args.w_asym, group_size=args.w_groupsize, clip=w_clip, rtn=w_rtn),
+            act=ActConfig(bits=a_bits, symmetric=not args.a_asym, static=static, per_tensor=args.act_per_tensor,
+                          group_size=args.a_groupsize, clip_ratio=args.a_clip_ratio),
+        )
+
+    return QuantConfig(
+        visual=part("visual", args.quant_visual_clip, args.visual_w_bits, args.visual_a_bits, args.visual_static,
+                    args.visual_w_clip, args.visual_w_rtn),
+        llm=part("llm", args.quant_llm, args.llm_w_bits, args.llm_a_bits, args.llm_static, args.llm_w_clip, args.llm_w_rtn),
+        connector=args.quant and args.quant_cross_attention,
+        gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order),
+        rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
+                                llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
+                                online_llm_hadamard=args.online_llm_hadamard, fp32_had=args.fp32_had,
+                                hadamard_fallback=args.hadamard_fallback),
+        rms=RMSConfig(visual=args.visual_split, llm=args.llm_split),
+        nsamples=args.nsamples, calib_num=args.calib_num, seed=args.seed, skip_names=tuple(args.skip_names),
+    )
+
+
+def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
+    """Problems with the command line, beyond what QuantConfig.validate checks."""
+    errs = []
+    part_flags = {"--quant_visual_clip": args.quant_visual_clip, "--quant_cross_attention": args.quant_cross_attention,
+                  "--quant_llm": args.quant_llm}
+    if not args.quant and any(part_flags.values()):
+        errs.append(f"{', '.join(k for k, v in part_flags.items() if v)} need --quant")
+    if args.quant and not any(part_flags.values()):
+        errs.append("--quant needs at least one of --quant_visual_clip, --quant_cross_attention, --quant_llm")
+    if args.dataset_name is not None:
+        errs.append(f"--dataset_name {args.dataset_name}: benchmark datasets are not available in this version; "
+                    "leave it out to calibrate on the built-in generated set")
+    if args.visual_split or args.llm_split:
+        if not any("--visual_split needs" in e or "--llm_split needs" in e for e in _validation_errors(cfg)):
+            errs.append("--visual_split / --llm_split (rotation magnitude suppression) are not available in this "
+                        "version; leave them out")
+    needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
+    if args.dataset_name is None and needed > BUILTIN_ROWS:
+        errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
+    return errs
+
+
+def _validation_errors(cfg: QuantConfig) -> list[str]:
+    try:
+        cfg.validate()
+    except ValueError as e:
+        return [line.strip().removeprefix("- ") for line in str(e).splitlines()[1:]]
+    return []
+
+
+def resolve_device_dtype(device: str | None, dtype: str) -> tuple[str, torch.dtype]:
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {dev}: CUDA is not available on this machine; use --device cpu")
+    if dtype == "auto":
+        return dev, (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    return dev, getattr(torch, dtype)
+
+
+def peak_memory() -> dict:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(family: str, argv: list[str] | None = None) -> dict:
+    from evaluation.builtin import builtin_rows
+    from model import registry
+    from model.base import Sample
+
+    parser = build_parser(family)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    torch.set_grad_enabled(False)
+    cfg = config_from_args(args)
+    problems = _validation_errors(cfg) + check_args(args, cfg)
+    if problems:
+        parser.error("\n  - " + "\n  - ".join(problems))
+
+    t_start = time.perf_counter()
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    try:
+        adapter = registry.get(family) if args.model_path == "tiny" else registry.for_checkpoint(args.model_path, family)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if args.rotate_visual_cross_attn:
+        log.info("--rotate_visual_cross_attn: the %s connector is rotated together with the streams it bridges",
+                 adapter.name)
+    torch.manual_seed(args.seed)
+    report = pipeline.PipelineReport()
+    with pipeline.Stage(report, "load"):
+        loaded = adapter.load(args.model_path, device, dtype)
+
+    rows = builtin_rows(BUILTIN_ROWS, seed=args.seed)
+    gptq_rows = rows[: args.nsamples]
+    static_rows = rows[: args.calib_num] if (cfg.visual.act.static or cfg.llm.act.static) else []
+    with pipeline.Stage(report, "inputs"):
+        def batches(rs):
+            return [adapter.build_inputs(loaded, Sample([r["image"]], r["question"], r["answer"], r["index"]), device)
+                    for r in rs]
+        gptq_batches, static_batches = batches(gptq_rows), batches(static_rows)
+
+    meta = {"adapter": adapter.name, "model_path": args.model_path, "config": cfg.to_dict()}
+    if args.load_gptq:
+        saved = checkpoint.read_meta(args.load_gptq)
+        if saved.get("adapter") != adapter.name:
+            parser.error(f"--load_gptq {args.load_gptq} holds a {saved.get('adapter')} model, not {adapter.name}")
+        if saved["config"] != meta["config"]:
+            log.warning("--load_gptq: the saved model was quantized with other flags; its own settings are used")
+        cfg = _config_from_dict(saved["config"])
+        with pipeline.Stage(report, "restore"):
+            pipeline.rebuild(cfg, adapter, loaded, report)
+            checkpoint.load_tensors(loaded.model, args.load_gptq)
+            if not saved.get("calibrated", True):
+                report.static_quantizers = pipeline.calibrate_static(
+                    loaded.model, static_batches, lambda b: loaded.model(**b, use_cache=False))
+    else:
+        after_weights = None
+        if args.dump_gptq:
+            def after_weights():
+                checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": False})
+                log.info("saved the GPTQ model (before activation calibration) to %s", args.dump_gptq)
+        pipeline.run(cfg, adapter, loaded, gptq_batches, static_batches, report, after_weights=after_weights)
+        if args.dump_gptq:
+            with pipeline.Stage(report, "dump"):
+                checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": True})
+
+    # a held-out row (never used for calibration) answered by the quantized model
+    demo_row = rows[max(args.nsamples, args.calib_num)]
+    with pipeline.Stage(report, "generate"):
+        inputs = adapter.build_inputs(loaded, Sample([demo_row["image"]], demo_row["question"]), device)
+        out = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, **adapter.generate_kwargs(loaded))
+        answer = adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:])
+
+    results = {
+        "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device, "dtype": str(dtype).replace("torch.", "")},
+        "config": cfg.to_dict(),
+        "command": " ".join(sys.argv if argv is None else [f"quant_{family}.py", *argv]),
+        "calibration": {"source": "builtin", "seed": args.seed, "gptq_rows": [r["index"] for r in gptq_rows],
+                        "static_rows": [r["index"] for r in static_rows]},
+        "demo": {"row": demo_row["index"], "question": demo_row["question"], "answer": answer},
+        "pipeline": report.to_dict(),
+        "memory": peak_memory(),
+        "total_seconds": time.perf_counter() - t_start,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__},
+        "evaluation": None,
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "results.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    print(_summary(results, path))
+    return {"results": results, "loaded": loaded, "adapter": adapter}
+
+
+def _config_from_dict(d: dict) -> QuantConfig:
+    def part(p):
+        return PartConfig(name=p["name"], quantize=p["quantize"], weight=WeightConfig(**p["weight"]), act=ActConfig(**p["act"]))
+
+    return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"],
+                       gptq=GPTQConfig(**d["gptq"]), rotation=RotationConfig(**d["rotation"]), rms=RMSConfig(**d["rms"]),
+                       nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
+
+
+def _summary(r: dict, path: str) -> str:
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["pipeline"]["seconds"].items())
+    n_gptq = sum(1 for v in r["pipeline"]["layers"].values() if v["method"] == "gptq")
+    n_rtn = sum(1 for v in r["pipeline"]["layers"].values() if v["method"] == "rtn")
+    return (f"model: {r['model']['adapter']} ({r['model']['model_path']}) on {r['model']['device']}/{r['model']['dtype']}\n"
+            f"weights: {n_gptq} layers GPTQ, {n_rtn} RTN; static activation quantizers: {r['pipeline']['static_quantizers']}\n"
+            f"calibration: built-in rows 0..{max(len(r['calibration']['gptq_rows']), len(r['calibration']['static_rows'])) - 1}; "
+            f"held-out row {r['demo']['row']} answered: {r['demo']['answer']!r}\n"
+            f"stages: {secs}; total {r['total_seconds']:.1f}s; peak RSS {r['memory']['peak_rss_mb']:.0f} MB\n"
+            f"results: {path}")

@@ -1,0 +1,344 @@
+"""The quantization pipeline: one code path for every model family, driven by an adapter.
+
+    fuse norms / LayerNorm -> RMSNorm  ->  rotate  ->  wrap linears in QuantLinear
+    ->  weights (GPTQ or RTN), segment by segment, block by block
+    ->  static activation calibration  ->  freeze
+
+Weights are quantized in the order the model runs: each segment's inputs (vision blocks, connector,
+LLM layers) are captured once from a full forward of the model whose earlier segments are already
+quantized, and propagated block by block through the quantized blocks, so every layer is
+calibrated on what it will see. Inside a block, linears that read the same tensor form one group
+(q/k/v, gate/up ...) and groups are quantized in execution order.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import rotation_utils as ru
+from .config import PartConfig, QuantConfig
+from .gptq import GPTQ
+from .quant_utils import ActQuantizer, QuantLinear, RowGroupContext, WeightQuantizer
+from .spec import get, set_module
+
+log = logging.getLogger("mquant")
+
+
+@dataclass
+class PipelineReport:
+    seconds: dict[str, float] = field(default_factory=dict)
+    rotation: dict = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)   # per quantized linear: method, error
+    static_quantizers: int = 0
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "rotation": self.rotation, "layers": self.layers,
+                "static_quantizers": self.static_quantizers}
+
+
+class _Stop(Exception):
+    pass
+
+
+class Stage:
+    """Times a pipeline stage and logs one line for it."""
+
+    def __init__(self, report: PipelineReport, name: str) -> None:
+        self.report, self.name = report, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        log.info("stage %s ...", self.name)
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t0
+        self.report.seconds[self.name] = self.report.seconds.get(self.name, 0.0) + dt
+        if exc[0] is None:
+            log.info("stage %s done in %.2f s", self.name, dt)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# rotation and wrapping
+# ---------------------------------------------------------------------------------------------
+def rotate_model(model: nn.Module, stacks, cfg: QuantConfig) -> dict:
+    r = cfg.rotation
+    options = {}
+    if r.rotate and r.visual:
+        options["visual"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed, online_hadamard=r.online_visual_hadamard,
+                                               fp32_had=r.fp32_had, fallback=r.hadamard_fallback)
+    if r.rotate and r.llm:
+        options["llm"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed + 1, online_hadamard=r.online_llm_hadamard,
+                                            fp32_had=r.fp32_had, fallback=r.hadamard_fallback)
+    return ru.rotate(model, stacks, options)
+
+
+def _act_quantizer(part: PartConfig, context: RowGroupContext | None) -> ActQuantizer | None:
+    a = part.act
+    if not a.enabled:
+        return None
+    if a.static:
+        gran, gs = "tensor", None
+    elif a.group_size > 0:
+        gran, gs = "group", a.group_size
+    else:
+        gran, gs = ("tensor" if a.per_tensor else "token"), None
+    return ActQuantizer(a.bits, a.symmetric, gran, group_size=gs, static=a.static, observer=a.observer,
+                        clip_ratio=a.clip_ratio, context=context)
+
+
+def _weight_quantizer(part: PartConfig) -> WeightQuantizer | None:
+    w = part.weight
+    if not w.enabled:
+        return None
+    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=w.group_size if w.group_size > 0 else None,
+                           mse=w.clip)
+
+
+def linears_in(model: nn.Module, path: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
+    """Linear / QuantLinear submodules of ``path`` by full path, minus skipped names."""
+    root = get(model, path)
+    out = {}
+    for name, m in root.named_modules():
+        full = f"{path}.{name}" if name else path
+        if isinstance(m, (nn.Linear, QuantLinear)) and not any(s and s in full for s in skip):
+            out[full] = m
+    return out
+
+
+def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroupContext | None) -> dict[str, QuantLinear]:
+    """Replace every linear of each quantized part by a QuantLinear with that part's quantizers."""
+    wrapped: dict[str, QuantLinear] = {}
+    for seg in segments:
+        part = cfg.part(seg.part)
+        if part is None:
+            continue
+        for mod_path in seg.modules:
+            for path, lin in linears_in(model, mod_path, cfg.skip_names).items():
+                ql = lin if isinstance(lin, QuantLinear) else QuantLinear(lin)
+                ql.weight_quantizer = _weight_quantizer(part)
+                ql.input_quantizer = _act_quantizer(part, context)
+                ql.part = seg.part
+                if ql is not lin:
+                    set_module(model, path, ql)
+                wrapped[path] = ql
+    return wrapped
+
+
+def set_act_quantizers(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, ActQuantizer):
+            m.enabled = enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# weights, segment by segment
+# ---------------------------------------------------------------------------------------------
+def capture_inputs(model: nn.Module, module_path: str, batches: list[dict], forward: Callable[[dict], Any]) -> list[tuple]:
+    """(args, kwargs) with which ``module_path`` is called, for each batch (the forward stops there)."""
+    store: list[tuple] = []
+
+    def hook(mod, args, kwargs):
+        store.append((tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}))
+        raise _Stop
+
+    h = get(model, module_path).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in batches:
+            try:
+                forward(b)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(store) != len(batches):
+        raise RuntimeError(f"{module_path} was not reached by {len(batches) - len(store)} calibration batches")
+    return store
+
+
+def _detach(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _run(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = module(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: hidden}
+
+
+def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, kwargs) -> list[list[str]]:
+    """Linears in the order they run; consecutive ones reading the same tensor form one group."""
+    order: list[tuple[str, int]] = []
+    hooks = []
+    for name, ql in qlinears.items():
+        hooks.append(ql.register_forward_pre_hook(lambda m, a, n=name: order.append((n, id(a[0])))))
+    try:
+        with torch.no_grad():
+            _run(module, args, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    seen = set()
+    last_input = None
+    for name, inp in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if groups and inp == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = inp
+    groups += [[n] for n in qlinears if n not in seen]  # never called on these inputs: quantize last
+    return groups
+
+
+def _quantize_group(names, qlinears, module, inputs, cfg: QuantConfig, report: PipelineReport) -> None:
+    gptq_names = [n for n in names if qlinears[n].weight_quantizer is not None and not _is_rtn(qlinears[n], cfg)]
+    collectors = {}
+    for n in gptq_names:
+        g = GPTQ(qlinears[n].in_features, device=qlinears[n].weight.device)
+        collectors[n] = g
+        qlinears[n].capture = g.add_batch
+    try:
+        if collectors:
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    _run(module, args, kwargs)
+    finally:
+        for n in gptq_names:
+            qlinears[n].capture = None
+    for n in names:
+        ql = qlinears[n]
+        if ql.weight_quantizer is None:
+            continue
+        if n in collectors:
+            res = collectors[n].quantize(ql.weight, ql.weight_quantizer, blocksize=cfg.gptq.blocksize,
+                                         percdamp=cfg.gptq.percdamp, act_order=cfg.gptq.act_order,
+                                         static_groups=cfg.gptq.static_groups)
+            ql.set_quantized_weight_(res.weight, res.qparams)
+            report.layers[n] = {"method": "gptq", "output_mse": res.output_mse, "seconds": res.seconds}
+            collectors[n].free()
+        else:
+            ql.quantize_weight_()
+            report.layers[n] = {"method": "rtn"}
+
+
+def _is_rtn(ql: QuantLinear, cfg: QuantConfig) -> bool:
+    part = cfg.part(getattr(ql, "part", "llm"))
+    return bool(part and part.weight.rtn)
+
+
+def quantize_weights(model: nn.Module, segments, cfg: QuantConfig, batches: list[dict],
+                     forward: Callable[[dict], Any], report: PipelineReport) -> None:
+    for seg in segments:
+        part = cfg.part(seg.part)
+        if part is None or not part.weight.enabled:
+            continue
+        with Stage(report, f"weights:{seg.part}"):
+            inputs = capture_inputs(model, seg.modules[0], batches, forward)
+            bar = tqdm(seg.modules, desc=f"{'RTN' if part.weight.rtn else 'GPTQ'} {seg.part}", unit="block",
+                       leave=False, disable=None)
+            for path in bar:
+                module = get(model, path)
+                qlinears = {n: m for n, m in linears_in(model, path, cfg.skip_names).items()
+                            if isinstance(m, QuantLinear) and not m.weight_quantized}
+                wqs = {n: m.weight_quantizer for n, m in qlinears.items()}
+                for m in qlinears.values():  # groups are captured with FP weights of the groups still to do
+                    if m.weight_quantizer is not None:
+                        m.weight_quantizer.enabled = False
+                try:
+                    if qlinears:
+                        groups = execution_groups(module, qlinears, *inputs[0])
+                        for names in groups:
+                            for n in names:
+                                if wqs[n] is not None:
+                                    wqs[n].enabled = True
+                            _quantize_group(names, qlinears, module, inputs, cfg, report)
+                finally:
+                    for n, m in qlinears.items():
+                        if wqs[n] is not None:
+                            wqs[n].enabled = True
+                with torch.no_grad():
+                    inputs = [_with_hidden(a, k, _run(module, a, k)) for a, k in inputs]
+            del inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# static activation calibration
+# ---------------------------------------------------------------------------------------------
+def calibrate_static(model: nn.Module, batches: list[dict], forward: Callable[[dict], Any],
+                     before_forward: Callable[[dict], None] | None = None) -> int:
+    static = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.static and m.enabled]
+    if not static:
+        return 0
+    for q in static:
+        q.start_calibration()
+    with torch.no_grad():
+        for b in tqdm(batches, desc="static calibration", unit="sample", leave=False, disable=None):
+            if before_forward is not None:
+                before_forward(b)
+            forward(b)
+    for q in static:
+        q.freeze()
+    return len(static)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole pipeline
+# ---------------------------------------------------------------------------------------------
+def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = None) -> dict[str, QuantLinear]:
+    """The deterministic structural stages (rotation, wrapping): enough to load saved tensors into."""
+    report = report or PipelineReport()
+    model = loaded.model
+    if cfg.rotation.rotate:
+        with Stage(report, "rotate"), torch.no_grad():
+            report.rotation = rotate_model(model, adapter.stacks(model), cfg)
+    if not cfg.any_quantized:
+        return {}
+    with Stage(report, "wrap"):
+        wrapped = wrap_linears(model, adapter.segments(model), cfg, RowGroupContext())
+        log.info("wrapped %d linear layers", len(wrapped))
+    return wrapped
+
+
+def run(cfg: QuantConfig, adapter, loaded, gptq_batches: list[dict], static_batches: list[dict],
+        report: PipelineReport | None = None, after_weights: Callable[[], None] | None = None) -> PipelineReport:
+    """Rotate and quantize ``loaded.model`` in place. Batches are model-input dicts.
+    ``after_weights`` runs once the weights are quantized (e.g. to checkpoint them)."""
+    cfg.validate()
+    report = report or PipelineReport()
+    model = loaded.model
+
+    def forward(batch: dict):
+        return model(**batch, use_cache=False)
+
+    rebuild(cfg, adapter, loaded, report)
+    if not cfg.any_quantized:
+        return report
+    segments = adapter.segments(model)
+    set_act_quantizers(model, False)
+    try:
+        with torch.no_grad():
+            quantize_weights(model, segments, cfg, gptq_batches, forward, report)
+    finally:
+        set_act_quantizers(model, True)
+    if after_weights is not None:
+        after_weights()
+    with Stage(report, "calibrate"):
+        report.static_quantizers = calibrate_static(model, static_batches, forward)
+    return report
