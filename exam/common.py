@@ -39,6 +39,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the transformer blocks on the CPU and move one at a time to --device (less GPU memory)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--dataset_name", default=None,
                    help="benchmark to calibrate on and evaluate (default: the built-in generated set, no evaluation)")
@@ -186,7 +188,7 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     report = pipeline.PipelineReport()
     with pipeline.Stage(report, "load"):
-        loaded = adapter.load(args.model_path, device, dtype)
+        loaded = adapter.load(args.model_path, "cpu" if args.offload else device, dtype)
 
     rows = builtin_rows(BUILTIN_ROWS, seed=args.seed)
     gptq_rows = rows[: args.nsamples]
@@ -208,6 +210,8 @@ def main(family: str, argv: list[str] | None = None) -> dict:
         with pipeline.Stage(report, "restore"):
             pipeline.rebuild(cfg, adapter, loaded, report)
             checkpoint.load_tensors(loaded.model, args.load_gptq)
+            if args.offload:
+                pipeline.offload(adapter, loaded, device)
             if not saved.get("calibrated", True):
                 report.static_quantizers = pipeline.calibrate_static(
                     loaded.model, static_batches, lambda b: loaded.model(**b, use_cache=False))
@@ -217,7 +221,8 @@ def main(family: str, argv: list[str] | None = None) -> dict:
             def after_weights():
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": False})
                 log.info("saved the GPTQ model (before activation calibration) to %s", args.dump_gptq)
-        pipeline.run(cfg, adapter, loaded, gptq_batches, static_batches, report, after_weights=after_weights)
+        pipeline.run(cfg, adapter, loaded, gptq_batches, static_batches, report, after_weights=after_weights,
+                     offload_device=device if args.offload else None)
         if args.dump_gptq:
             with pipeline.Stage(report, "dump"):
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": True})

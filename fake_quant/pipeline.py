@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from . import rotation_utils as ru
 from .config import PartConfig, QuantConfig
 from .gptq import GPTQ
+from .offload import Offloader
 from .quant_utils import ActQuantizer, QuantLinear, RowGroupContext, WeightQuantizer
 from .spec import get, set_module
 
@@ -244,7 +246,7 @@ def _is_rtn(ql: QuantLinear, cfg: QuantConfig) -> bool:
 
 
 def quantize_weights(model: nn.Module, segments, cfg: QuantConfig, batches: list[dict],
-                     forward: Callable[[dict], Any], report: PipelineReport) -> None:
+                     forward: Callable[[dict], Any], report: PipelineReport, offloader=None) -> None:
     for seg in segments:
         part = cfg.part(seg.part)
         if part is None or not part.weight.enabled:
@@ -254,28 +256,33 @@ def quantize_weights(model: nn.Module, segments, cfg: QuantConfig, batches: list
             bar = tqdm(seg.modules, desc=f"{'RTN' if part.weight.rtn else 'GPTQ'} {seg.part}", unit="block",
                        leave=False, disable=None)
             for path in bar:
-                module = get(model, path)
-                qlinears = {n: m for n, m in linears_in(model, path, cfg.skip_names).items()
-                            if isinstance(m, QuantLinear) and not m.weight_quantized}
-                wqs = {n: m.weight_quantizer for n, m in qlinears.items()}
-                for m in qlinears.values():  # groups are captured with FP weights of the groups still to do
-                    if m.weight_quantizer is not None:
-                        m.weight_quantizer.enabled = False
-                try:
-                    if qlinears:
-                        groups = execution_groups(module, qlinears, *inputs[0])
-                        for names in groups:
-                            for n in names:
-                                if wqs[n] is not None:
-                                    wqs[n].enabled = True
-                            _quantize_group(names, qlinears, module, inputs, cfg, report)
-                finally:
-                    for n, m in qlinears.items():
-                        if wqs[n] is not None:
-                            wqs[n].enabled = True
-                with torch.no_grad():
-                    inputs = [_with_hidden(a, k, _run(module, a, k)) for a, k in inputs]
+                with (offloader.pin(path) if offloader is not None else nullcontext()):
+                    inputs = _quantize_block(model, path, inputs, cfg, report)
             del inputs
+
+
+def _quantize_block(model: nn.Module, path: str, inputs: list[tuple], cfg: QuantConfig,
+                    report: PipelineReport) -> list[tuple]:
+    """Quantize one block's weights; return its outputs as the next block's inputs."""
+    module = get(model, path)
+    qlinears = {n: m for n, m in linears_in(model, path, cfg.skip_names).items()
+                if isinstance(m, QuantLinear) and not m.weight_quantized}
+    wqs = {n: m.weight_quantizer for n, m in qlinears.items()}
+    # while a block is worked on, layers not yet done run with their FP weights (no on-the-fly
+    # quantization); a group's inputs come from the already-quantized groups before it
+    for q in wqs.values():
+        if q is not None:
+            q.enabled = False
+    try:
+        if qlinears:
+            for names in execution_groups(module, qlinears, *inputs[0]):
+                _quantize_group(names, qlinears, module, inputs, cfg, report)
+    finally:
+        for q in wqs.values():
+            if q is not None:
+                q.enabled = True
+    with torch.no_grad():
+        return [_with_hidden(a, k, _run(module, a, k)) for a, k in inputs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,10 +323,22 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
     return wrapped
 
 
+def offload(adapter, loaded, device: str) -> Offloader:
+    """Keep the transformer blocks of ``loaded.model`` on the CPU, streaming each to ``device``
+    while it runs (see :mod:`fake_quant.offload`); the rest of the model moves to ``device``."""
+    model = loaded.model
+    blocks = [p for s in adapter.stacks(model) for p in s.block_paths(model)]
+    loaded.offloader = Offloader(model, blocks, device)
+    log.info("offload: %d blocks stay on the CPU and visit %s one at a time", len(blocks), device)
+    return loaded.offloader
+
+
 def run(cfg: QuantConfig, adapter, loaded, gptq_batches: list[dict], static_batches: list[dict],
-        report: PipelineReport | None = None, after_weights: Callable[[], None] | None = None) -> PipelineReport:
-    """Rotate and quantize ``loaded.model`` in place. Batches are model-input dicts.
-    ``after_weights`` runs once the weights are quantized (e.g. to checkpoint them)."""
+        report: PipelineReport | None = None, after_weights: Callable[[], None] | None = None,
+        offload_device: str | None = None) -> PipelineReport:
+    """Rotate and quantize ``loaded.model`` in place. Batches are model-input dicts (on the compute
+    device). ``after_weights`` runs once the weights are quantized (e.g. to checkpoint them).
+    ``offload_device``: the model sits on the CPU and blocks visit this device one at a time."""
     cfg.validate()
     report = report or PipelineReport()
     model = loaded.model
@@ -328,13 +347,14 @@ def run(cfg: QuantConfig, adapter, loaded, gptq_batches: list[dict], static_batc
         return model(**batch, use_cache=False)
 
     rebuild(cfg, adapter, loaded, report)
+    offloader = offload(adapter, loaded, offload_device) if offload_device is not None else None
     if not cfg.any_quantized:
         return report
     segments = adapter.segments(model)
     set_act_quantizers(model, False)
     try:
         with torch.no_grad():
-            quantize_weights(model, segments, cfg, gptq_batches, forward, report)
+            quantize_weights(model, segments, cfg, gptq_batches, forward, report, offloader)
     finally:
         set_act_quantizers(model, True)
     if after_weights is not None:

@@ -44,6 +44,7 @@ class Loaded:
     model: nn.Module
     processor: Any
     path: str
+    offloader: Any = None  # set when blocks are streamed from the CPU (--offload)
 
 
 class ModelAdapter(ABC):

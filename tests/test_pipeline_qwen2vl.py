@@ -140,3 +140,14 @@ def test_bad_input_fails_clearly(tmp_path, capsys, argv, message):
         main("qwen2vl", argv + ["--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_offload_gives_the_same_model_and_streams_blocks(tmp_path, fp_reference):
+    batches, _ = fp_reference
+    plain = run(tmp_path, "--llm_w_rtn", name="plain")
+    off = run(tmp_path, "--llm_w_rtn", "--offload", name="off")
+    offloader = off["loaded"].offloader
+    assert offloader is not None and len(offloader.blocks) == 4  # 2 vision blocks + 2 LLM layers
+    assert offloader.moves >= 4  # every block visited the device at least once (pinned for GPTQ)
+    assert torch.equal(logits(plain["loaded"].model, batches), logits(off["loaded"].model, batches))
+    assert all(p.device.type == "cpu" for b in offloader.blocks.values() for p in b.parameters())
