@@ -64,6 +64,18 @@ def _write(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(dtype=param.dtype, device=param.device).contiguous()
 
 
+ROW_CHUNK = 8192  # rows transformed at a time: float64 copies of a 150k-row embedding would cost GBs
+
+
+def _rowwise_(t: torch.Tensor, fn) -> None:
+    """``t[rows] = fn(t[rows] in float64, rows)`` in place, a chunk of rows at a time (``t`` may be a
+    transposed view, to work on columns)."""
+    data = t.data if isinstance(t, nn.Parameter) else t
+    for i in range(0, data.shape[0], ROW_CHUNK):
+        sl = slice(i, min(i + ROW_CHUNK, data.shape[0]))
+        data[sl] = fn(data[sl].double(), sl).to(data.dtype)
+
+
 def _ensure_bias(linear: nn.Linear) -> torch.Tensor:
     if linear.bias is None:
         linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
@@ -108,7 +120,7 @@ def fold_layer_scales(model: nn.Module, stack: StackSpec) -> None:
             lam = scale_param(model, join(bp, scale_path))
             lin = _linear(model, join(bp, writer))
             s = lam.detach().double()
-            _write(lin.weight, lin.weight.double() * s[:, None])
+            _rowwise_(lin.weight, lambda x, sl: x * s[sl, None].to(x.device))
             if lin.bias is not None:
                 _write(lin.bias, lin.bias.double() * s)
             lam.data.fill_(1.0)
@@ -126,8 +138,7 @@ def bake_mean_out(model: nn.Module, stack: StackSpec) -> None:
     for w in _writers(model, stack):
         if w.kind == "linear":
             lin = _linear(model, w.path)
-            W = lin.weight.double()
-            _write(lin.weight, W - W.mean(dim=0, keepdim=True))
+            _rowwise_(lin.weight.data.t(), lambda x, sl: x - x.mean(dim=-1, keepdim=True))
             if lin.bias is not None:
                 _write(lin.bias, lin.bias.double() - lin.bias.double().mean())
         elif w.kind == "conv":
@@ -136,12 +147,10 @@ def bake_mean_out(model: nn.Module, stack: StackSpec) -> None:
             _write(conv.weight, W - W.mean(dim=0, keepdim=True))
             if conv.bias is not None:
                 _write(conv.bias, conv.bias.double() - conv.bias.double().mean())
-        elif w.kind == "embedding":
-            p = get(model, w.path).weight
-            _write(p, p.double() - p.double().mean(dim=-1, keepdim=True))
-        elif w.kind == "param":
+        elif w.kind in ("embedding", "param"):
             p = get(model, w.path)
-            _write(p, p.double() - p.double().mean(dim=-1, keepdim=True))
+            p = p.weight if w.kind == "embedding" else p
+            _rowwise_(p.data.view(-1, p.shape[-1]), lambda x, sl: x - x.mean(dim=-1, keepdim=True))
         else:
             raise ValueError(f"unknown writer kind {w.kind!r} at {w.path}")
 
@@ -152,16 +161,15 @@ def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader]) -> N
     weight, bias = _norm_params(norm)
     for r in readers:
         lin = _linear(model, r.path)
-        W = lin.weight.double()
-        if weight is not None:
-            W_scaled = W * weight.detach().double().repeat(r.chunks)[None, :]
-        else:
-            W_scaled = W
         if bias is not None and bool(torch.any(bias != 0)):
-            shift = W @ bias.detach().double().repeat(r.chunks)
+            beta = bias.detach().double().repeat(r.chunks).to(lin.weight.device)
+            shift = torch.cat([lin.weight.data[i:i + ROW_CHUNK].double() @ beta
+                               for i in range(0, lin.out_features, ROW_CHUNK)])
             b = _ensure_bias(lin)
             _write(b, b.double() + shift)
-        _write(lin.weight, W_scaled)
+        if weight is not None:
+            gamma = weight.detach().double().repeat(r.chunks).to(lin.weight.device)
+            _rowwise_(lin.weight, lambda x, sl: x * gamma[None, :])
     hidden = (weight.numel() if weight is not None else None) or getattr(norm, "normalized_shape", [None])[0]
     set_module(model, norm_path, RMSNorm(int(hidden), _eps(norm)))
 
@@ -210,17 +218,15 @@ def rotation_matrix(n: int, mode: str = "hadamard", seed: int = 0, fallback: str
 
 
 def rotate_reader(lin: nn.Linear, Q: torch.Tensor, chunks: int = 1) -> None:
-    W = lin.weight.double()
-    Qd = Q.to(W.device)
-    W = W.reshape(W.shape[0], chunks, -1) @ Qd
-    _write(lin.weight, W.reshape(lin.weight.shape))
+    Qd = Q.to(lin.weight.device)
+    _rowwise_(lin.weight, lambda x, sl: (x.reshape(x.shape[0], chunks, -1) @ Qd).reshape(x.shape))
 
 
 def rotate_writer(model: nn.Module, w: Writer, Q: torch.Tensor) -> None:
     if w.kind == "linear":
         lin = _linear(model, w.path)
         Qd = Q.to(lin.weight.device)
-        _write(lin.weight, Qd.t() @ lin.weight.double())
+        _rowwise_(lin.weight.data.t(), lambda x, sl: x @ Qd)  # (Q^T W)^T = W^T Q
         if lin.bias is not None:
             _write(lin.bias, lin.bias.double() @ Qd)
     elif w.kind == "conv":
@@ -233,7 +239,8 @@ def rotate_writer(model: nn.Module, w: Writer, Q: torch.Tensor) -> None:
     elif w.kind in ("embedding", "param"):
         p = get(model, w.path)
         p = p.weight if w.kind == "embedding" else p
-        _write(p, p.double() @ Q.to(p.device))
+        Qd = Q.to(p.device)
+        _rowwise_(p.data.view(-1, p.shape[-1]), lambda x, sl: x @ Qd)
     else:
         raise ValueError(f"unknown writer kind {w.kind!r} at {w.path}")
 
