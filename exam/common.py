@@ -88,6 +88,12 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     g.add_argument("--llm_w_rtn", action="store_true", help="round-to-nearest instead of GPTQ for LLM weights")
     g.add_argument("--percdamp", type=float, default=0.01)
     g.add_argument("--act_order", action="store_true")
+    g.add_argument("--msq", dest="msq", action="store_true", default=True,
+                   help="modality-specific quantization: with --llm_static, separate static scales for visual and "
+                        "text tokens in the LLM (default)")
+    g.add_argument("--no_msq", dest="msq", action="store_false", help="one static scale shared by all LLM tokens")
+    g.add_argument("--aifs", action="store_true",
+                   help="attention-invariant flexible switching: visual tokens first at prefill, same outputs")
     g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
     return p
 
@@ -106,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
                     args.visual_w_clip, args.visual_w_rtn),
         llm=part("llm", args.quant_llm, args.llm_w_bits, args.llm_a_bits, args.llm_static, args.llm_w_clip, args.llm_w_rtn),
         connector=args.quant and args.quant_cross_attention,
+        msq=args.msq, aifs=args.aifs,
         gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order),
         rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
@@ -259,7 +266,8 @@ def _config_from_dict(d: dict) -> QuantConfig:
     def part(p):
         return PartConfig(name=p["name"], quantize=p["quantize"], weight=WeightConfig(**p["weight"]), act=ActConfig(**p["act"]))
 
-    return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"],
+    return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"], msq=d.get("msq", True),
+                       aifs=d.get("aifs", False),
                        gptq=GPTQConfig(**d["gptq"]), rotation=RotationConfig(**d["rotation"]), rms=RMSConfig(**d["rms"]),
                        nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
 

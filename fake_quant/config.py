@@ -96,6 +96,8 @@ class QuantConfig:
     visual: PartConfig = field(default_factory=lambda: PartConfig("visual"))
     llm: PartConfig = field(default_factory=lambda: PartConfig("llm"))
     connector: bool = False      # --quant_cross_attention: the connector, with the visual settings
+    msq: bool = True             # --msq / --no_msq: separate static scales for text and visual LLM rows
+    aifs: bool = False           # --aifs: visual tokens first at prefill (attention-invariant)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     rms: RMSConfig = field(default_factory=RMSConfig)

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from . import rotation_utils as ru
 from .config import PartConfig, QuantConfig
+from . import aifs
 from .gptq import GPTQ
+from .modality import TEXT, VISUAL, ModalityState, install_tracking  # noqa: F401  (TEXT/VISUAL re-exported)
 from .offload import Offloader
 from .quant_utils import ActQuantizer, QuantLinear, RowGroupContext, WeightQuantizer
 from .spec import get, set_module
@@ -82,7 +84,7 @@ def rotate_model(model: nn.Module, stacks, cfg: QuantConfig) -> dict:
     return ru.rotate(model, stacks, options)
 
 
-def _act_quantizer(part: PartConfig, context: RowGroupContext | None) -> ActQuantizer | None:
+def _act_quantizer(part: PartConfig, context: RowGroupContext | None, row_groups: int = 1) -> ActQuantizer | None:
     a = part.act
     if not a.enabled:
         return None
@@ -93,7 +95,8 @@ def _act_quantizer(part: PartConfig, context: RowGroupContext | None) -> ActQuan
     else:
         gran, gs = ("tensor" if a.per_tensor else "token"), None
     return ActQuantizer(a.bits, a.symmetric, gran, group_size=gs, static=a.static, observer=a.observer,
-                        clip_ratio=a.clip_ratio, context=context)
+                        clip_ratio=a.clip_ratio, context=context, num_row_groups=row_groups if a.static else 1,
+                        default_row_group=TEXT)
 
 
 def _weight_quantizer(part: PartConfig) -> WeightQuantizer | None:
@@ -126,7 +129,8 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
             for path, lin in linears_in(model, mod_path, cfg.skip_names).items():
                 ql = lin if isinstance(lin, QuantLinear) else QuantLinear(lin)
                 ql.weight_quantizer = _weight_quantizer(part)
-                ql.input_quantizer = _act_quantizer(part, context)
+                msq = seg.part == "llm" and cfg.msq
+                ql.input_quantizer = _act_quantizer(part, context, row_groups=2 if msq else 1)
                 ql.part = seg.part
                 if ql is not lin:
                     set_module(model, path, ql)
@@ -309,17 +313,30 @@ def calibrate_static(model: nn.Module, batches: list[dict], forward: Callable[[d
 # the whole pipeline
 # ---------------------------------------------------------------------------------------------
 def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = None) -> dict[str, QuantLinear]:
-    """The deterministic structural stages (rotation, wrapping): enough to load saved tensors into."""
+    """The deterministic structural stages (rotation, wrapping, modality tracking, AIFS): enough to
+    load saved tensors into."""
     report = report or PipelineReport()
     model = loaded.model
+    stacks = adapter.stacks(model)
     if cfg.rotation.rotate:
         with Stage(report, "rotate"), torch.no_grad():
-            report.rotation = rotate_model(model, adapter.stacks(model), cfg)
-    if not cfg.any_quantized:
-        return {}
-    with Stage(report, "wrap"):
-        wrapped = wrap_linears(model, adapter.segments(model), cfg, RowGroupContext())
-        log.info("wrapped %d linear layers", len(wrapped))
+            report.rotation = rotate_model(model, stacks, cfg)
+    context = RowGroupContext()
+    wrapped: dict[str, QuantLinear] = {}
+    if cfg.any_quantized:
+        with Stage(report, "wrap"):
+            wrapped = wrap_linears(model, adapter.segments(model), cfg, context)
+            log.info("wrapped %d linear layers", len(wrapped))
+    msq = any(q.input_quantizer is not None and q.input_quantizer.num_row_groups > 1 for q in wrapped.values())
+    if msq or cfg.aifs:
+        state = ModalityState(context)
+        install_tracking(loaded, adapter, state)
+        if msq:
+            log.info("MSQ: LLM activations keep separate static scales for text and visual tokens")
+        if cfg.aifs:
+            llm = next(s for s in stacks if s.name == "llm")
+            aifs.install(get(model, llm.root), state)
+            log.info("AIFS: visual tokens first at prefill, attention unchanged")
     return wrapped
 
 

@@ -89,6 +89,11 @@ class StackSpec:
         if self.norm_kind not in ("layernorm", "rmsnorm"):
             raise ValueError(f"norm_kind must be 'layernorm' or 'rmsnorm', got {self.norm_kind!r}")
 
+    @property
+    def root(self) -> str:
+        """The module holding the blocks (the language model itself, for the LLM stack)."""
+        return self.blocks.rpartition(".")[0]
+
     def block_paths(self, model: nn.Module) -> list[str]:
         return [f"{self.blocks}.{i}" for i in range(len(get(model, self.blocks)))]
 

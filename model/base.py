@@ -45,6 +45,7 @@ class Loaded:
     processor: Any
     path: str
     offloader: Any = None  # set when blocks are streamed from the CPU (--offload)
+    modality_state: Any = None  # set when MSQ or AIFS track visual tokens
 
 
 class ModelAdapter(ABC):
