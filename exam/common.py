@@ -64,6 +64,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="for widths with no Hadamard construction: fail, zero-pad, or a random orthogonal block")
     g.add_argument("--visual_split", action="store_true", help="rotation magnitude suppression in the vision MLP")
     g.add_argument("--llm_split", action="store_true", help="rotation magnitude suppression in the LLM MLP")
+    g.add_argument("--rms_keep_fp", action="store_true", help="keep the split channel's branch in floating point")
+    g.add_argument("--rms_threshold", type=float, default=0.0,
+                   help="split a layer when more than this fraction of its rows meets the RMS condition (default 0: any row)")
 
     g = p.add_argument_group("quantization")
     g.add_argument("--quant", action="store_true", help="enable quantization (then pick the parts below)")
@@ -118,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
                                 online_llm_hadamard=args.online_llm_hadamard, fp32_had=args.fp32_had,
                                 hadamard_fallback=args.hadamard_fallback),
-        rms=RMSConfig(visual=args.visual_split, llm=args.llm_split),
+        rms=RMSConfig(visual=args.visual_split, llm=args.llm_split, threshold=args.rms_threshold, keep_fp=args.rms_keep_fp),
         nsamples=args.nsamples, calib_num=args.calib_num, seed=args.seed, skip_names=tuple(args.skip_names),
     )
 
@@ -135,10 +138,6 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
     if args.dataset_name is not None:
         errs.append(f"--dataset_name {args.dataset_name}: benchmark datasets are not available in this version; "
                     "leave it out to calibrate on the built-in generated set")
-    if args.visual_split or args.llm_split:
-        if not any("--visual_split needs" in e or "--llm_split needs" in e for e in _validation_errors(cfg)):
-            errs.append("--visual_split / --llm_split (rotation magnitude suppression) are not available in this "
-                        "version; leave them out")
     needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
     if args.dataset_name is None and needed > BUILTIN_ROWS:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")

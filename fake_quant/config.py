@@ -89,6 +89,8 @@ class RotationConfig:
 class RMSConfig:
     visual: bool = False        # --visual_split
     llm: bool = False           # --llm_split
+    threshold: float = 0.0      # --rms_threshold: split when more than this fraction of rows meets the condition
+    keep_fp: bool = False       # --rms_keep_fp: keep the split channel's branch in floating point
 
 
 @dataclass
@@ -154,6 +156,8 @@ class QuantConfig:
         if self.rms.visual and not r.online_visual_hadamard:
             errors.append("--visual_split needs --online_visual_hadamard (it splits the channel the online "
                           "Hadamard concentrates)")
+        if not 0.0 <= self.rms.threshold < 1.0:
+            errors.append(f"--rms_threshold must be in [0, 1), got {self.rms.threshold}")
         if self.rms.llm and not r.online_llm_hadamard:
             errors.append("--llm_split needs --online_llm_hadamard (it splits the channel the online "
                           "Hadamard concentrates)")

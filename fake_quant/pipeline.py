@@ -75,12 +75,15 @@ class Stage:
 def rotate_model(model: nn.Module, stacks, cfg: QuantConfig) -> dict:
     r = cfg.rotation
     options = {}
+    rms = dict(split_threshold=cfg.rms.threshold, keep_fp=cfg.rms.keep_fp)
     if r.rotate and r.visual:
         options["visual"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed, online_hadamard=r.online_visual_hadamard,
-                                               fp32_had=r.fp32_had, fallback=r.hadamard_fallback)
+                                               fp32_had=r.fp32_had, fallback=r.hadamard_fallback,
+                                               split=cfg.rms.visual, **rms)
     if r.rotate and r.llm:
         options["llm"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed + 1, online_hadamard=r.online_llm_hadamard,
-                                            fp32_had=r.fp32_had, fallback=r.hadamard_fallback)
+                                            fp32_had=r.fp32_had, fallback=r.hadamard_fallback,
+                                            split=cfg.rms.llm, **rms)
     return ru.rotate(model, stacks, options)
 
 
@@ -127,6 +130,8 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
             continue
         for mod_path in seg.modules:
             for path, lin in linears_in(model, mod_path, cfg.skip_names).items():
+                if getattr(lin, "keep_fp", False):  # an RMS branch kept in floating point
+                    continue
                 ql = lin if isinstance(lin, QuantLinear) else QuantLinear(lin)
                 ql.weight_quantizer = _weight_quantizer(part)
                 msq = seg.part == "llm" and cfg.msq

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import hadamard_utils as hu
 from .quant_utils import QuantLinear
+from .rms import SplitQuantLinear, split_report
 from .spec import Reader, StackSpec, Writer, get, join, scale_param, set_module
 
 log = logging.getLogger(__name__)
@@ -280,11 +281,16 @@ def rotate_ov(model: nn.Module, stack: StackSpec) -> None:
         _write(o.weight, hu.hadamard_transform(Wo).reshape(o.weight.shape))  # W_oh H~^T per head
 
 
-def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, fallback: str = "error") -> list[str]:
+def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, fallback: str = "error",
+                        split: bool = False, split_threshold: float = 0.0, keep_fp: bool = False,
+                        split_reports: dict | None = None) -> list[str]:
     """Fold H~^T into each MLP output layer and wrap it so H~ is applied to its input at run time.
 
     With the ``"pad"`` fallback the layer's input is zero-padded to the next constructible width
-    inside the online transform, and its weight gets matching zero columns (no bias is added)."""
+    inside the online transform, and its weight gets matching zero columns (no bias is added).
+    With ``split`` (RMS) a layer whose rows meet the RMS condition in more than ``split_threshold``
+    of its rows gets its mean channel split off (:mod:`fake_quant.rms`); ``split_reports`` collects
+    what happened per layer."""
     wrapped = []
     for bp in stack.block_paths(model):
         path = join(bp, stack.block.mlp_out)
@@ -302,6 +308,16 @@ def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, 
             ql = QuantLinear(lin, online_rotation=online)
         ql.weight = nn.Parameter(Wr.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
         ql.in_features = plan.out_dim
+        if split:
+            if plan.kind == "orthogonal":
+                raise ValueError(f"{path}: RMS needs a Hadamard matrix; the 'orthogonal' fallback spreads the row mean")
+            rep = split_report(W, Wr, split_threshold)
+            if split_reports is not None:
+                split_reports[path] = rep.__dict__
+            if rep.split:
+                ql = SplitQuantLinear(ql, keep_fp=keep_fp)
+                log.info("RMS: split %s (%.1f%% of rows meet the condition; weight scale / %.2f)",
+                         path, 100 * rep.rows_meeting_condition, rep.scale_reduction)
         set_module(model, path, ql)
         wrapped.append(path)
     return wrapped
@@ -315,7 +331,9 @@ class RotationOptions:
     rotate_ov: bool = True
     fp32_had: bool = False
     fallback: str = "error"        # for widths without a Hadamard construction
-    report: dict = field(default_factory=dict)
+    split: bool = False            # RMS on the online-Hadamard layers
+    split_threshold: float = 0.0   # split when more than this fraction of rows meets the condition
+    keep_fp: bool = False          # keep the split branch in floating point
 
 
 def rotate(model: nn.Module, stacks: list[StackSpec], options: dict[str, RotationOptions]) -> dict:
@@ -334,7 +352,9 @@ def rotate(model: nn.Module, stacks: list[StackSpec], options: dict[str, Rotatio
         rotate_stack(model, s, Q)
         if opt.rotate_ov:
             rotate_ov(model, s)
-        online = add_online_hadamard(model, s, opt.fp32_had, opt.fallback) if opt.online_hadamard else []
-        report[s.name] = {"mode": opt.mode, "seed": opt.seed, "online_hadamard": online}
+        splits: dict = {}
+        online = (add_online_hadamard(model, s, opt.fp32_had, opt.fallback, opt.split, opt.split_threshold,
+                                      opt.keep_fp, splits) if opt.online_hadamard else [])
+        report[s.name] = {"mode": opt.mode, "seed": opt.seed, "online_hadamard": online, "rms": splits}
         log.info("rotated %s (%s, seed %d); online Hadamard on %d layers", s.name, opt.mode, opt.seed, len(online))
     return report
