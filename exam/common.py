@@ -47,6 +47,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
     g.add_argument("--calib_num", type=int, default=32, help="calibration samples for static activation scales")
     g.add_argument("--dump_gptq", default=None, help="folder to save the quantized model to (safetensors)")
+    g.add_argument("--analysis", default=None, metavar="DIR",
+                   help="write activation-range and RMS weight plots (PNG) and tables (CSV) of the rotated FP model to DIR")
     g.add_argument("--load_gptq", default=None, help="folder of a saved quantized model: skips rotation-time GPTQ and calibration")
 
     g = p.add_argument_group("rotation")
@@ -228,7 +230,7 @@ def main(family: str, argv: list[str] | None = None) -> dict:
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": False})
                 log.info("saved the GPTQ model (before activation calibration) to %s", args.dump_gptq)
         pipeline.run(cfg, adapter, loaded, gptq_batches, static_batches, report, after_weights=after_weights,
-                     offload_device=device if args.offload else None)
+                     offload_device=device if args.offload else None, analysis_dir=args.analysis)
         if args.dump_gptq:
             with pipeline.Stage(report, "dump"):
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": True})

@@ -40,10 +40,11 @@ class PipelineReport:
     rotation: dict = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)   # per quantized linear: method, error
     static_quantizers: int = 0
+    analysis_files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "rotation": self.rotation, "layers": self.layers,
-                "static_quantizers": self.static_quantizers}
+                "static_quantizers": self.static_quantizers, "analysis_files": self.analysis_files}
 
 
 class _Stop(Exception):
@@ -355,9 +356,31 @@ def offload(adapter, loaded, device: str) -> Offloader:
     return loaded.offloader
 
 
+def analyze(loaded, adapter, batches: list[dict], report: PipelineReport, out_dir: str) -> list[str]:
+    """Write the analysis figures/tables of the rotated FP model (all quantizers off)."""
+    from . import analysis
+
+    model = loaded.model
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [(m.weight_quantizer, m.weight_quantizer.enabled) for m in qls if m.weight_quantizer is not None]
+    for q, _ in saved:
+        q.enabled = False
+    set_act_quantizers(model, False)
+    try:
+        act = analysis.activation_ranges(loaded, adapter, batches)
+    finally:
+        for q, on in saved:
+            q.enabled = on
+        set_act_quantizers(model, True)
+    online = [p for part in report.rotation.values() for p in part.get("online_hadamard", [])]
+    files = analysis.write(out_dir, act, analysis.rms_weights(model, online))
+    log.info("analysis: wrote %d files to %s", len(files), out_dir)
+    return files
+
+
 def run(cfg: QuantConfig, adapter, loaded, gptq_batches: list[dict], static_batches: list[dict],
         report: PipelineReport | None = None, after_weights: Callable[[], None] | None = None,
-        offload_device: str | None = None) -> PipelineReport:
+        offload_device: str | None = None, analysis_dir: str | None = None) -> PipelineReport:
     """Rotate and quantize ``loaded.model`` in place. Batches are model-input dicts (on the compute
     device). ``after_weights`` runs once the weights are quantized (e.g. to checkpoint them).
     ``offload_device``: the model sits on the CPU and blocks visit this device one at a time."""
@@ -370,6 +393,9 @@ def run(cfg: QuantConfig, adapter, loaded, gptq_batches: list[dict], static_batc
 
     rebuild(cfg, adapter, loaded, report)
     offloader = offload(adapter, loaded, offload_device) if offload_device is not None else None
+    if analysis_dir is not None:
+        with Stage(report, "analysis"):
+            report.analysis_files = analyze(loaded, adapter, static_batches or gptq_batches, report, analysis_dir)
     if not cfg.any_quantized:
         return report
     segments = adapter.segments(model)
