@@ -44,6 +44,11 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--dataset_name", default=None,
                    help="benchmark to calibrate on and evaluate (default: the built-in generated set, no evaluation)")
+    g.add_argument("--calib_source", default="heldout",
+                   help="'heldout' (default): calibrate on a seeded held-out part of the dataset, never scored; or the "
+                        "name / path of another TSV in --data_root (e.g. a training split) to calibrate on")
+    g.add_argument("--eval_num", type=int, default=None, help="score at most this many rows (default: all)")
+    g.add_argument("--max_new_tokens", type=int, default=128, help="greedy decoding length for evaluation")
     g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
     g.add_argument("--calib_num", type=int, default=32, help="calibration samples for static activation scales")
     g.add_argument("--dump_gptq", default=None, help="folder to save the quantized model to (safetensors)")
@@ -137,9 +142,8 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
         errs.append(f"{', '.join(k for k, v in part_flags.items() if v)} need --quant")
     if args.quant and not any(part_flags.values()):
         errs.append("--quant needs at least one of --quant_visual_clip, --quant_cross_attention, --quant_llm")
-    if args.dataset_name is not None:
-        errs.append(f"--dataset_name {args.dataset_name}: benchmark datasets are not available in this version; "
-                    "leave it out to calibrate on the built-in generated set")
+    if args.dataset_name is None and args.calib_source != "heldout":
+        errs.append("--calib_source needs --dataset_name")
     needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
     if args.dataset_name is None and needed > BUILTIN_ROWS:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
@@ -171,7 +175,9 @@ def peak_memory() -> dict:
 
 
 def main(family: str, argv: list[str] | None = None) -> dict:
+    from evaluation import datasets
     from evaluation.builtin import builtin_rows
+    from evaluation.eval import evaluate
     from model import registry
     from model.base import Sample
 
@@ -198,12 +204,29 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     with pipeline.Stage(report, "load"):
         loaded = adapter.load(args.model_path, "cpu" if args.offload else device, dtype)
 
-    rows = builtin_rows(BUILTIN_ROWS, seed=args.seed)
-    gptq_rows = rows[: args.nsamples]
-    static_rows = rows[: args.calib_num] if (cfg.visual.act.static or cfg.llm.act.static) else []
+    n_calib = max(args.nsamples, args.calib_num if (cfg.visual.act.static or cfg.llm.act.static) else 0)
+    eval_rows: list[dict] = []
+    if args.dataset_name is None:
+        rows = builtin_rows(BUILTIN_ROWS, seed=args.seed)
+        calib_rows, calib_info = rows[:n_calib], {"source": "builtin", "seed": args.seed}
+        def image(r):
+            return r["image"]
+    else:
+        try:
+            data = datasets.load_rows(args.data_root, args.dataset_name)
+            other = None if args.calib_source == "heldout" else datasets.load_rows(args.data_root, args.calib_source)
+            split = datasets.split_rows(data, n_calib, args.seed, other, args.calib_source)
+        except datasets.DatasetError as e:
+            parser.error(str(e))
+        calib_rows, eval_rows = split.calib, split.eval[: args.eval_num]
+        calib_info = {"source": split.source, "seed": args.seed, "held_out_rows": split.calib_indices}
+        def image(r):
+            return datasets.image_of(r, args.data_root)
+    gptq_rows = calib_rows[: args.nsamples]
+    static_rows = calib_rows[: args.calib_num] if (cfg.visual.act.static or cfg.llm.act.static) else []
     with pipeline.Stage(report, "inputs"):
         def batches(rs):
-            return [adapter.build_inputs(loaded, Sample([r["image"]], r["question"], r["answer"], r["index"]), device)
+            return [adapter.build_inputs(loaded, Sample([image(r)], r["question"], r.get("answer"), r["index"]), device)
                     for r in rs]
         gptq_batches, static_batches = batches(gptq_rows), batches(static_rows)
 
@@ -235,25 +258,36 @@ def main(family: str, argv: list[str] | None = None) -> dict:
             with pipeline.Stage(report, "dump"):
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": True})
 
-    # a held-out row (never used for calibration) answered by the quantized model
-    demo_row = rows[max(args.nsamples, args.calib_num)]
-    with pipeline.Stage(report, "generate"):
-        inputs = adapter.build_inputs(loaded, Sample([demo_row["image"]], demo_row["question"]), device)
-        out = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, **adapter.generate_kwargs(loaded))
-        answer = adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:])
+    evaluation = demo = None
+    if args.dataset_name is None:
+        # a held-out row (never used for calibration) answered by the quantized model
+        demo_row = rows[n_calib]
+        with pipeline.Stage(report, "generate"):
+            inputs = adapter.build_inputs(loaded, Sample([demo_row["image"]], demo_row["question"]), device)
+            out = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, **adapter.generate_kwargs(loaded))
+            demo = {"row": demo_row["index"], "question": demo_row["question"],
+                    "answer": adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:])}
+    else:
+        with pipeline.Stage(report, "evaluate"):
+            run_meta = {**meta, "load_gptq": args.load_gptq, "max_new_tokens": args.max_new_tokens,
+                        "calibration": calib_info}
+            evaluation = evaluate(adapter, loaded, args.dataset_name, eval_rows, args.output_dir, device,
+                                  args.max_new_tokens, run_meta, args.data_root)
+        scored = {str(r["index"]) for r in eval_rows}
+        assert not scored & {str(r["index"]) for r in calib_rows}, "a calibration row was scored"
 
     results = {
         "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device, "dtype": str(dtype).replace("torch.", "")},
         "config": cfg.to_dict(),
         "command": " ".join(sys.argv if argv is None else [f"quant_{family}.py", *argv]),
-        "calibration": {"source": "builtin", "seed": args.seed, "gptq_rows": [r["index"] for r in gptq_rows],
+        "calibration": {**calib_info, "gptq_rows": [r["index"] for r in gptq_rows],
                         "static_rows": [r["index"] for r in static_rows]},
-        "demo": {"row": demo_row["index"], "question": demo_row["question"], "answer": answer},
+        "demo": demo,
         "pipeline": report.to_dict(),
         "memory": peak_memory(),
         "total_seconds": time.perf_counter() - t_start,
         "environment": {"python": platform.python_version(), "torch": torch.__version__},
-        "evaluation": None,
+        "evaluation": evaluation,
     }
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "results.json")
@@ -277,9 +311,16 @@ def _summary(r: dict, path: str) -> str:
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["pipeline"]["seconds"].items())
     n_gptq = sum(1 for v in r["pipeline"]["layers"].values() if v["method"] == "gptq")
     n_rtn = sum(1 for v in r["pipeline"]["layers"].values() if v["method"] == "rtn")
-    return (f"model: {r['model']['adapter']} ({r['model']['model_path']}) on {r['model']['device']}/{r['model']['dtype']}\n"
-            f"weights: {n_gptq} layers GPTQ, {n_rtn} RTN; static activation quantizers: {r['pipeline']['static_quantizers']}\n"
-            f"calibration: built-in rows 0..{max(len(r['calibration']['gptq_rows']), len(r['calibration']['static_rows'])) - 1}; "
-            f"held-out row {r['demo']['row']} answered: {r['demo']['answer']!r}\n"
-            f"stages: {secs}; total {r['total_seconds']:.1f}s; peak RSS {r['memory']['peak_rss_mb']:.0f} MB\n"
-            f"results: {path}")
+    cal = r["calibration"]
+    lines = [f"model: {r['model']['adapter']} ({r['model']['model_path']}) on {r['model']['device']}/{r['model']['dtype']}",
+             f"weights: {n_gptq} layers GPTQ, {n_rtn} RTN; static activation quantizers: {r['pipeline']['static_quantizers']}",
+             f"calibration ({cal['source']}): {len(cal['gptq_rows'])} GPTQ rows, {len(cal['static_rows'])} static rows"]
+    if r["demo"] is not None:
+        lines.append(f"held-out row {r['demo']['row']} answered: {r['demo']['answer']!r}")
+    if r["evaluation"] is not None:
+        ev = r["evaluation"]
+        shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev["scores"].items())
+        lines.append(f"{ev['dataset']} on {ev['rows_scored']} rows (none used for calibration): {shown}")
+    lines.append(f"stages: {secs}; total {r['total_seconds']:.1f}s; peak RSS {r['memory']['peak_rss_mb']:.0f} MB")
+    lines.append(f"results: {path}")
+    return "\n".join(lines)

@@ -78,6 +78,12 @@ class ModelAdapter(ABC):
     def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:
         """Bool ``[batch, seq]``: which LLM input positions hold visual tokens."""
 
+    def prompt(self, dataset_name: str, row: dict) -> str:
+        """The question text for a benchmark row (the chat template is applied by build_inputs)."""
+        from evaluation.eval import dataset_prompt
+
+        return dataset_prompt(dataset_name, row)
+
     def decode(self, loaded: Loaded, token_ids: torch.Tensor) -> str:
         return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0]
 

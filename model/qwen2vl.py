@@ -127,12 +127,33 @@ class Qwen2VLAdapter(ModelAdapter):
             Segment("llm", tuple(join(llm, f"layers.{i}") for i in range(nl))),
         ]
 
+    # VLMEvalKit's Qwen2-VL settings: a custom prompt for VQA datasets, and the image pixel budget
+    # (OCRBench with a lower minimum). The tiny processor keeps its own small budget.
+    CUSTOM_PROMPT = True
+    VQA_PROMPT_SUFFIX = "\nPlease try to answer the question with short words or phrases if possible."
+
+    def prompt(self, dataset_name: str, row: dict) -> str:
+        if self.CUSTOM_PROMPT and any(k in dataset_name for k in ("OCRBench", "TextVQA", "DocVQA")):
+            return str(row["question"]) + self.VQA_PROMPT_SUFFIX
+        return super().prompt(dataset_name, row)
+
+    @staticmethod
+    def pixel_budget(dataset_name: str | None) -> dict | None:
+        if dataset_name is None:
+            return None
+        lo = 10 * 10 * 28 * 28 if dataset_name == "OCRBench" else 1280 * 28 * 28
+        return {"shortest_edge": lo, "longest_edge": 16384 * 28 * 28}
+
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
         content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
         messages = [{"role": "user", "content": content}]
         proc = loaded.processor
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt")
+        extra = {}
+        budget = self.pixel_budget(sample.meta.get("dataset"))
+        if budget is not None and not isinstance(proc, tiny.TinyQwenProcessor) and sample.images:
+            extra["size"] = budget
+        inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt", **extra)
         if "mm_token_type_ids" not in inputs:
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == loaded.model.config.image_token_id).int()
         dtype = next(loaded.model.parameters()).dtype
@@ -148,6 +169,7 @@ class Qwen2VLAdapter(ModelAdapter):
 class Qwen25VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    CUSTOM_PROMPT = False  # VLMEvalKit evaluates Qwen2.5-VL with the datasets' own prompts
 
     def _model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
