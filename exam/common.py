@@ -49,6 +49,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                         "name / path of another TSV in --data_root (e.g. a training split) to calibrate on")
     g.add_argument("--eval_num", type=int, default=None, help="score at most this many rows (default: all)")
     g.add_argument("--max_new_tokens", type=int, default=128, help="greedy decoding length for evaluation")
+    g.add_argument("--eval_backend", default="mquant", choices=["mquant", "vlmeval"],
+                   help="score with this project's scorers (default) or with an installed VLMEvalKit (third/README.md)")
     g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
     g.add_argument("--calib_num", type=int, default=32, help="calibration samples for static activation scales")
     g.add_argument("--dump_gptq", default=None, help="folder to save the quantized model to (safetensors)")
@@ -144,6 +146,16 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
         errs.append("--quant needs at least one of --quant_visual_clip, --quant_cross_attention, --quant_llm")
     if args.dataset_name is None and args.calib_source != "heldout":
         errs.append("--calib_source needs --dataset_name")
+    if args.eval_backend == "vlmeval":
+        if args.dataset_name is None:
+            errs.append("--eval_backend vlmeval needs --dataset_name")
+        else:
+            try:
+                from evaluation.vlmeval_bridge import require_vlmeval
+
+                require_vlmeval()
+            except RuntimeError as e:
+                errs.append(str(e))
     needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
     if args.dataset_name is None and needed > BUILTIN_ROWS:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
@@ -271,10 +283,17 @@ def main(family: str, argv: list[str] | None = None) -> dict:
         with pipeline.Stage(report, "evaluate"):
             run_meta = {**meta, "load_gptq": args.load_gptq, "max_new_tokens": args.max_new_tokens,
                         "calibration": calib_info}
-            evaluation = evaluate(adapter, loaded, args.dataset_name, eval_rows, args.output_dir, device,
-                                  args.max_new_tokens, run_meta, args.data_root)
-        scored = {str(r["index"]) for r in eval_rows}
-        assert not scored & {str(r["index"]) for r in calib_rows}, "a calibration row was scored"
+            if args.eval_backend == "vlmeval":
+                from evaluation import vlmeval_bridge
+
+                evaluation = vlmeval_bridge.evaluate(adapter, loaded, args.dataset_name, args.output_dir, device,
+                                                     args.max_new_tokens, args.data_root, calib_info["held_out_rows"])
+            else:
+                evaluation = evaluate(adapter, loaded, args.dataset_name, eval_rows, args.output_dir, device,
+                                      args.max_new_tokens, run_meta, args.data_root)
+        if args.eval_backend == "mquant":
+            scored = {str(r["index"]) for r in eval_rows}
+            assert not scored & {str(r["index"]) for r in calib_rows}, "a calibration row was scored"
 
     results = {
         "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device, "dtype": str(dtype).replace("torch.", "")},
