@@ -53,8 +53,8 @@ def main() -> None:
         h = hu.hadamard_matrix(n, dtype=torch.float32, device=dev)
         plan = hu.get_plan(n)
         hu.hadamard_transform(x[:2], plan=plan)  # warm the caches
-        t_fast, y_fast = best_time(lambda: hu.hadamard_transform(x, plan=plan), args.repeat, dev)
-        t_dense, y_dense = best_time(lambda: (x @ h.t()) / math.sqrt(n), args.repeat, dev)
+        t_fast, y_fast = best_time(lambda x=x, plan=plan: hu.hadamard_transform(x, plan=plan), args.repeat, dev)
+        t_dense, y_dense = best_time(lambda x=x, h=h, n=n: (x @ h.t()) / math.sqrt(n), args.repeat, dev)
         diff = float((y_fast - y_dense).abs().max())
         print(f"| {n} | {hu.construction(n)} | {t_fast:.4f} | {t_dense:.4f} | {t_dense / t_fast:.1f}x | {diff:.1e} |", flush=True)
         del x, h, y_fast, y_dense

@@ -29,7 +29,6 @@ def build_parser(family: str) -> argparse.ArgumentParser:
         prog=f"quant_{family}.py",
         description="Rotate and quantize a multimodal LLM (MQuant: static W4A8), then evaluate it.",
     )
-    a = p.add_argument
     g = p.add_argument_group("model and run")
     g.add_argument("--model_path", required=True,
                    help="local checkpoint folder (config.json + safetensors), or 'tiny' for the built-in tiny random model")

@@ -1,6 +1,5 @@
 import csv
 
-import torch
 
 from exam.common import main
 

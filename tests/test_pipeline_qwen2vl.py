@@ -8,7 +8,7 @@ from evaluation.builtin import builtin_rows
 from exam.common import main
 from fake_quant import pipeline
 from fake_quant.config import QuantConfig
-from fake_quant.quant_utils import ActQuantizer, QuantLinear
+from fake_quant.quant_utils import QuantLinear
 from model import registry
 from model.base import Sample
 from model.qwen2vl import Qwen25VLAdapter, Qwen2VLAdapter

@@ -1,5 +1,4 @@
 """RMS: the Hadamard-concentrated row mean gets its own branch."""
-import copy
 import math
 
 import pytest
