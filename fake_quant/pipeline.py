@@ -28,7 +28,7 @@ from . import aifs
 from .gptq import GPTQ
 from .modality import TEXT, VISUAL, ModalityState, install_tracking  # noqa: F401  (TEXT/VISUAL re-exported)
 from .offload import Offloader
-from .quant_utils import ActQuantizer, QuantLinear, RowGroupContext, WeightQuantizer
+from .quant_utils import ActQuantizer, PatchConvLinear, QuantLinear, RowGroupContext, WeightQuantizer
 from .spec import get, set_module
 
 log = logging.getLogger("mquant")
@@ -130,6 +130,7 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
         if part is None:
             continue
         for mod_path in seg.modules:
+            convert_patch_convs(model, mod_path, cfg.skip_names)
             for path, lin in linears_in(model, mod_path, cfg.skip_names).items():
                 if getattr(lin, "keep_fp", False):  # an RMS branch kept in floating point
                     continue
@@ -142,6 +143,18 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
                     set_module(model, path, ql)
                 wrapped[path] = ql
     return wrapped
+
+
+def convert_patch_convs(model: nn.Module, path: str, skip: tuple[str, ...]) -> list[str]:
+    """Replace patch convolutions under ``path`` by :class:`PatchConvLinear` (a linear over patches)."""
+    root = get(model, path)
+    done = []
+    for name, m in list(root.named_modules()):
+        full = f"{path}.{name}" if name else path
+        if PatchConvLinear.convertible(m) and not any(s and s in full for s in skip):
+            set_module(model, full, PatchConvLinear(m))
+            done.append(full)
+    return done
 
 
 def set_act_quantizers(model: nn.Module, enabled: bool) -> None:

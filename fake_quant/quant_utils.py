@@ -5,6 +5,7 @@ quantizer]; every part has an on/off switch, and with everything off it is exact
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -181,3 +182,47 @@ def find_linears(module: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear) and not any(s and s in name for s in skip)
     }
+
+
+class PatchConvLinear(nn.Module):
+    """A convolution whose kernel equals its stride (no padding, dilation or groups) -- a patch
+    embedding -- is one linear map applied to every flattened patch. This module computes it that
+    way, through a :class:`QuantLinear`, so the patch embedding is quantized like any linear layer."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        if not self.convertible(conv):
+            raise ValueError(f"{type(conv).__name__} is not a patch convolution (kernel == stride, no padding)")
+        self.kernel = tuple(conv.kernel_size)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        lin = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None,
+                        dtype=conv.weight.dtype, device=conv.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias)
+        self.linear = QuantLinear(lin)
+
+    @staticmethod
+    def convertible(conv: nn.Module) -> bool:
+        return (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and tuple(conv.kernel_size) == tuple(conv.stride)
+                and all(p == 0 for p in conv.padding) and all(d == 1 for d in conv.dilation) and conv.groups == 1
+                and not isinstance(conv.padding, str))
+
+    @property
+    def weight(self) -> torch.Tensor:  # callers read the conv's weight dtype / device
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, *size = x.shape
+        k = len(self.kernel)
+        if c != self.in_channels or len(size) != k or any(s % p for s, p in zip(size, self.kernel)):
+            raise ValueError(f"patch convolution expects [N, {self.in_channels}, *sizes divisible by {self.kernel}], "
+                             f"got {tuple(x.shape)}")
+        grid = [s // p for s, p in zip(size, self.kernel)]
+        # [N, C, g1, p1, g2, p2, ...] -> [N, g1, g2, ..., C, p1, p2, ...]
+        x = x.reshape(n, c, *[v for g, p in zip(grid, self.kernel) for v in (g, p)])
+        order = [0] + [2 + 2 * i for i in range(k)] + [1] + [3 + 2 * i for i in range(k)]
+        patches = x.permute(*order).reshape(-1, c * math.prod(self.kernel))
+        y = self.linear(patches).reshape(n, *grid, self.out_channels)
+        return y.permute(0, k + 1, *range(1, k + 1))

@@ -122,6 +122,7 @@ class Qwen2VLAdapter(ModelAdapter):
         nv = len(get(model, f"{vis}.blocks"))
         nl = len(get(model, join(llm, "layers")))
         return [
+            Segment("visual", (f"{vis}.patch_embed",)),
             Segment("visual", tuple(f"{vis}.blocks.{i}" for i in range(nv))),
             Segment("connector", (f"{vis}.merger",)),
             Segment("llm", tuple(join(llm, f"layers.{i}") for i in range(nl))),

@@ -8,7 +8,7 @@ from evaluation.builtin import builtin_rows
 from exam.common import main
 from fake_quant import pipeline
 from fake_quant.config import QuantConfig
-from fake_quant.quant_utils import QuantLinear
+from fake_quant.quant_utils import PatchConvLinear, QuantLinear
 from model import registry
 from model.base import Sample
 from model.qwen2vl import Qwen25VLAdapter, Qwen2VLAdapter
@@ -71,7 +71,8 @@ def test_w8a8_static_close_to_fp_and_gptq_beats_rtn(tmp_path, fp_reference):
     # every linear of the three parts is quantized, with static activation scales
     model = gptq["loaded"].model
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(qls) == 24 and all(q.weight_quantized for q in qls)
+    assert len(qls) == 25 and all(q.weight_quantized for q in qls)  # patch embedding + 24 linears
+    assert isinstance(model.model.visual.patch_embed.proj, PatchConvLinear)
     assert all(q.input_quantizer.static and q.input_quantizer.is_frozen for q in qls)
     assert not isinstance(model.lm_head, QuantLinear)
     res = json.loads((tmp_path / "gptq" / "results.json").read_text())

@@ -1,7 +1,9 @@
 import torch
 from torch import nn
 
-from fake_quant.quant_utils import ActQuantizer, QuantLinear, WeightQuantizer, find_linears
+import pytest
+
+from fake_quant.quant_utils import ActQuantizer, PatchConvLinear, QuantLinear, WeightQuantizer, find_linears
 
 
 def test_everything_off_equals_linear_exactly():
@@ -50,3 +52,17 @@ def test_find_linears_skips_names():
     m = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2)))
     assert set(find_linears(m)) == {"0", "2.0"}
     assert set(find_linears(m, skip=("2.",))) == {"0"}
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv3d(3, 8, (2, 14, 14), (2, 14, 14), bias=False), (5, 3, 2, 14, 14)),  # Qwen2-VL: one patch per row
+    (nn.Conv2d(3, 8, 14, 14), (2, 3, 56, 42)),                                  # a ViT over a whole image
+])
+def test_patch_conv_runs_as_a_linear_over_patches(conv, shape):
+    x = torch.randn(*shape)
+    p = PatchConvLinear(conv)
+    assert torch.allclose(p(x), conv(x), atol=1e-5)
+    assert p.weight.dtype == conv.weight.dtype
+    with pytest.raises(ValueError, match="sizes divisible by"):
+        p(torch.randn(2, 3, *[s + 1 for s in shape[2:]]))
+    assert not PatchConvLinear.convertible(nn.Conv2d(3, 8, 3, 1, padding=1))
