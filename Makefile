@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo selfcheck test test-slow test-all bench clean
+.PHONY: demo selfcheck test test-slow test-all test-vlmeval bench clean
 
 # The paper's W4A8 flag set (vision W4A8, LLM W4A8, static activations, rotations, online Hadamard)
 # on the built-in tiny random Qwen2-VL.
@@ -35,8 +35,18 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# Optional: VLMEvalKit in its own environment (it needs its own torch + torchvision; several GB).
+.venv-vlmeval/.installed: requirements.txt constraints.txt
+	$(PYTHON) -m venv .venv-vlmeval
+	.venv-vlmeval/bin/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	.venv-vlmeval/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 ms-vlmeval==0.0.20
+	touch .venv-vlmeval/.installed
+
+test-vlmeval: .venv-vlmeval/.installed
+	.venv-vlmeval/bin/python -m pytest -q tests/test_vlmeval_parity.py
+
 bench: $(STAMP)
 	$(PY) bench/gptq_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-vlmeval .pytest_cache
