@@ -34,19 +34,26 @@ log = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
-    """Weightless RMSNorm (what a fused LayerNorm / RMSNorm becomes), computed in float32."""
+    """Weightless RMSNorm (what a fused LayerNorm / RMSNorm becomes), computed in float32.
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    With ``center`` (a unit vector u) it first removes the input's component along u: a fused
+    LayerNorm on a stream whose mean was kept (u = 1/sqrt(d), rotated along with the stream)."""
+
+    def __init__(self, hidden_size: int, eps: float, center: torch.Tensor | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self.register_buffer("center", None if center is None else center.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if self.center is not None:
+            u = self.center.to(xf.device)
+            xf = xf - (xf @ u)[..., None] * u
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.hidden_size}, eps={self.eps}"
+        return f"{self.hidden_size}, eps={self.eps}" + (", centering" if self.center is not None else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +163,9 @@ def bake_mean_out(model: nn.Module, stack: StackSpec) -> None:
             raise ValueError(f"unknown writer kind {w.kind!r} at {w.path}")
 
 
-def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader]) -> None:
-    """Fold ``norm``'s scale and bias into its readers, then replace it by a weightless RMSNorm."""
+def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader], center: bool = False) -> None:
+    """Fold ``norm``'s scale and bias into its readers, then replace it by a weightless RMSNorm
+    (which removes the mean itself when ``center``: a LayerNorm on a stream that keeps its mean)."""
     norm = get(model, norm_path)
     weight, bias = _norm_params(norm)
     for r in readers:
@@ -171,24 +179,32 @@ def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader]) -> N
         if weight is not None:
             gamma = weight.detach().double().repeat(r.chunks).to(lin.weight.device)
             _rowwise_(lin.weight, lambda x, sl: x * gamma[None, :])
-    hidden = (weight.numel() if weight is not None else None) or getattr(norm, "normalized_shape", [None])[0]
-    set_module(model, norm_path, RMSNorm(int(hidden), _eps(norm)))
+    hidden = int((weight.numel() if weight is not None else None) or getattr(norm, "normalized_shape", [None])[0])
+    u = torch.full((hidden,), 1.0 / math.sqrt(hidden), dtype=torch.float64) if center else None
+    set_module(model, norm_path, RMSNorm(hidden, _eps(norm), center=u))
+
+
+def _norm_paths(model: nn.Module, stack: StackSpec) -> list[str]:
+    b = stack.block
+    paths = [join(bp, n) for bp in stack.block_paths(model) for n in (b.attn_norm, b.mlp_norm)]
+    return paths + ([stack.final_norm] if stack.final_norm is not None else [])
 
 
 def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
     b = stack.block
+    center = stack.norm_kind == "layernorm" and stack.keep_mean
     for bp in stack.block_paths(model):
-        fuse_norm_into(model, join(bp, b.attn_norm), [Reader(join(bp, p)) for p in b.attn.inputs])
-        fuse_norm_into(model, join(bp, b.mlp_norm), [Reader(join(bp, p)) for p in b.mlp_in])
+        fuse_norm_into(model, join(bp, b.attn_norm), [Reader(join(bp, p)) for p in b.attn.inputs], center)
+        fuse_norm_into(model, join(bp, b.mlp_norm), [Reader(join(bp, p)) for p in b.mlp_in], center)
     if stack.final_norm is not None:
-        fuse_norm_into(model, stack.final_norm, list(stack.readers))
+        fuse_norm_into(model, stack.final_norm, list(stack.readers), center)
 
 
 def make_rotation_ready(model: nn.Module, stack: StackSpec) -> None:
     """Steps 1-4: after this the stack's norms are weightless RMSNorms and it computes the same function."""
     untie(model, stack)
     fold_layer_scales(model, stack)
-    if stack.norm_kind == "layernorm":
+    if stack.norm_kind == "layernorm" and not stack.keep_mean:
         bake_mean_out(model, stack)
     fuse_norms(model, stack)
 
@@ -256,6 +272,10 @@ def rotate_stack(model: nn.Module, stack: StackSpec, Q: torch.Tensor) -> None:
             rotate_reader(_linear(model, join(bp, p)), Q)
     for r in stack.readers:
         rotate_reader(_linear(model, r.path), Q, r.chunks)
+    for path in _norm_paths(model, stack):  # a centering direction turns with the stream
+        norm = get(model, path)
+        if isinstance(norm, RMSNorm) and norm.center is not None:
+            norm.center = (norm.center.double() @ Q.to(norm.center.device)).float()
 
 
 def rotate_ov(model: nn.Module, stack: StackSpec) -> None:

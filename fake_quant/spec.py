@@ -84,6 +84,10 @@ class StackSpec:
     final_norm: str | None
     readers: tuple[Reader, ...]            # readers of the final norm's output
     tied: tuple[str, str] | None = None    # (embedding path, head path) sharing one weight
+    # LayerNorm stacks whose raw residual stream is read by something other than a norm (LLaVA's
+    # projector reads a hidden state): keep the stream's mean and let each converted norm remove the
+    # mean direction itself, instead of baking the mean out of every writer
+    keep_mean: bool = False
 
     def __post_init__(self) -> None:
         if self.norm_kind not in ("layernorm", "rmsnorm"):

@@ -192,3 +192,31 @@ def test_layernorm_bias_is_fused_into_a_reader_without_bias():
     # a LayerNorm is an RMSNorm of the centred input: centre, then compare
     xc = x - x.mean(-1, keepdim=True)
     assert torch.allclose(m(xc), ref, atol=1e-5)
+
+
+class ViTWithRawReader(ViTWithHead):
+    """LLaVA-style: the reader takes the last hidden state itself, not the final norm's output."""
+
+    def forward(self, pixel_values):
+        return self.head(self.vit(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-1])
+
+
+@pytest.mark.parametrize("keep_mean", [True, False])
+def test_raw_stream_reader_needs_the_mean_kept(keep_mean):
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = ViTWithRawReader().eval()
+    tiny.randomize_norms_and_biases(m, seed=8)
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = m(x)
+    spec = dataclasses.replace(dinov2_stack(m), final_norm=None, keep_mean=keep_mean)
+    ru.rotate(m, [spec], {"visual": ru.RotationOptions(seed=4, online_hadamard=True)})
+    with torch.no_grad():
+        out = m(x)
+    if keep_mean:  # the norms remove the (rotated) mean direction themselves: exact
+        assert rel_diff(out, ref) <= 1e-4
+        assert get(m, "vit.encoder.layer.0.norm1").center is not None
+    else:  # baking the mean out changes the stream the reader sees
+        assert rel_diff(out, ref) > 1e-2
