@@ -65,8 +65,9 @@ def install(language_model: nn.Module, state: ModalityState) -> None:
             state.perm, state.pad = perm, pad
             kwargs["inputs_embeds"] = _gather_seq(emb, perm, 1)
             pos = kwargs.get("position_ids")
-            if pos is not None:
-                kwargs["position_ids"] = _gather_seq(pos, perm, pos.dim() - 1)
+            if pos is None:  # the decoder would number the permuted tokens 0..S-1: give it the original ones
+                pos = torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1)
+            kwargs["position_ids"] = _gather_seq(pos, perm, pos.dim() - 1)
             kwargs["attention_mask"] = permuted_causal_mask(perm, pad)
             state.set_index(torch.gather(state.mask, 1, perm))
             return args, kwargs

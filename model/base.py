@@ -70,9 +70,26 @@ class ModelAdapter(ABC):
         """Ordered GPTQ segments: vision blocks, connector, LLM layers."""
 
     # -- inputs ---------------------------------------------------------------------------------
-    @abstractmethod
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
-        """Model inputs (a batch of one) for a sample, ending where the answer starts."""
+        """Model inputs (a batch of one) for a sample, ending where the answer starts: the images
+        first, then the question, through the processor's chat template."""
+        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
+        proc = loaded.processor
+        prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                          tokenize=False)
+        inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt",
+                      **self.processor_kwargs(loaded, sample))
+        inputs = self.complete_inputs(loaded, dict(inputs))
+        dtype = next(loaded.model.parameters()).dtype
+        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+
+    def processor_kwargs(self, loaded: Loaded, sample: Sample) -> dict:
+        """Extra processor arguments for a sample (e.g. a dataset's image size)."""
+        return {}
+
+    def complete_inputs(self, loaded: Loaded, inputs: dict) -> dict:
+        """Add what the model needs and the processor did not return."""
+        return inputs
 
     @abstractmethod
     def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:

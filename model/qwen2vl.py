@@ -145,20 +145,16 @@ class Qwen2VLAdapter(ModelAdapter):
         lo = 10 * 10 * 28 * 28 if dataset_name == "OCRBench" else 1280 * 28 * 28
         return {"shortest_edge": lo, "longest_edge": 16384 * 28 * 28}
 
-    def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
-        content = [{"type": "image"} for _ in sample.images] + [{"type": "text", "text": sample.question}]
-        messages = [{"role": "user", "content": content}]
-        proc = loaded.processor
-        prompt = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        extra = {}
+    def processor_kwargs(self, loaded: Loaded, sample: Sample) -> dict:
         budget = self.pixel_budget(sample.meta.get("dataset"))
-        if budget is not None and not isinstance(proc, tiny.TinyQwenProcessor) and sample.images:
-            extra["size"] = budget
-        inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt", **extra)
+        if budget is None or isinstance(loaded.processor, tiny.TinyQwenProcessor) or not sample.images:
+            return {}
+        return {"size": budget}
+
+    def complete_inputs(self, loaded: Loaded, inputs: dict) -> dict:
         if "mm_token_type_ids" not in inputs:
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == loaded.model.config.image_token_id).int()
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return inputs
 
     def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:
         cfg = loaded.model.config

@@ -43,4 +43,4 @@ def for_checkpoint(model_path: str, family: str) -> ModelAdapter:
 
 
 def _load_builtin() -> None:
-    from . import qwen2vl  # noqa: F401  (registers the Qwen2-VL family)
+    from . import llava, qwen2vl  # noqa: F401  (registering the families)

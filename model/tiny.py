@@ -98,17 +98,11 @@ def qwen2vl_inputs(grid_hw: tuple[int, int] = (4, 6), text_before=(5, 6), text_a
     }
 
 
-class TinyQwenProcessor:
-    """Stands in for a Qwen2-VL processor on the tiny models: a real Qwen2-VL image processor
-    (small pixel budget) and a character-level tokenizer whose ids stay below the special tokens."""
+class TinyProcessor:
+    """Stands in for a processor on the tiny models: a character-level tokenizer whose ids stay
+    below the special tokens, a minimal chat template, and image placeholders expanded per image."""
 
     PAD = "<|image_pad|>"
-
-    def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> None:
-        from transformers import Qwen2VLImageProcessor
-
-        self.image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-        self.merge = 4
 
     @staticmethod
     def encode(text: str) -> list[int]:
@@ -128,25 +122,88 @@ class TinyQwenProcessor:
                 parts.append(self.PAD if c["type"] == "image" else c["text"])
         return "".join(parts) + ("\n" if add_generation_prompt else "")
 
-    def __call__(self, text, images=None, return_tensors: str = "pt") -> dict:
-        prompt = text[0]
-        out: dict = {}
-        grids = []
-        if images:
-            pix = self.image_processor(images=images, return_tensors="pt")
-            out["pixel_values"] = pix["pixel_values"]
-            out["image_grid_thw"] = pix["image_grid_thw"]
-            grids = [int(g.prod()) // self.merge for g in pix["image_grid_thw"]]
-        pieces = prompt.split(self.PAD)
-        if len(pieces) - 1 != len(grids):
-            raise ValueError(f"{len(pieces) - 1} image placeholders for {len(grids)} images")
+    def images(self, images) -> tuple[dict, list[int]]:
+        """Image tensors and the number of placeholder tokens of each image."""
+        raise NotImplementedError
+
+    def image_ids(self, n: int) -> list[int]:
+        return [IMAGE_TOKEN] * n
+
+    def __call__(self, text, images=None, return_tensors: str = "pt", **unused) -> dict:
+        out, counts = self.images(images) if images else ({}, [])
+        pieces = text[0].split(self.PAD)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(f"{len(pieces) - 1} image placeholders for {len(counts)} images")
         ids = [1]
         for i, piece in enumerate(pieces):
             ids += self.encode(piece)
-            if i < len(grids):
-                ids += [VISION_START] + [IMAGE_TOKEN] * grids[i] + [VISION_END]
+            if i < len(counts):
+                ids += self.image_ids(counts[i])
         input_ids = torch.tensor([ids])
-        out["input_ids"] = input_ids
-        out["attention_mask"] = torch.ones_like(input_ids)
-        out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN).int()
-        return out
+        return {**out, "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+class TinyQwenProcessor(TinyProcessor):
+    """A real Qwen2-VL image processor with a small pixel budget."""
+
+    def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 112 * 112) -> None:
+        from transformers import Qwen2VLImageProcessor
+
+        self.image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+        self.merge = 4
+
+    def images(self, images) -> tuple[dict, list[int]]:
+        pix = self.image_processor(images=images, return_tensors="pt")
+        counts = [int(g.prod()) // self.merge for g in pix["image_grid_thw"]]
+        return {"pixel_values": pix["pixel_values"], "image_grid_thw": pix["image_grid_thw"]}, counts
+
+    def image_ids(self, n: int) -> list[int]:
+        return [VISION_START] + [IMAGE_TOKEN] * n + [VISION_END]
+
+
+class TinyLlavaProcessor(TinyProcessor):
+    """Resize to a square, ImageNet normalization, one placeholder per patch (CLS dropped)."""
+
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, size: int = 56, patch: int = 14) -> None:
+        self.size, self.patch = size, patch
+
+    def images(self, images) -> tuple[dict, list[int]]:
+        import numpy as np
+
+        arrays = []
+        for img in images:
+            a = np.asarray(img.convert("RGB").resize((self.size, self.size)), dtype=np.float32) / 255.0
+            arrays.append((a - np.array(self.MEAN, dtype=np.float32)) / np.array(self.STD, dtype=np.float32))
+        pixel_values = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return {"pixel_values": pixel_values}, [(self.size // self.patch) ** 2] * len(images)
+
+
+def llava_config(**overrides):
+    """Tiny LLaVA: a DINOv2 tower with LayerScale (96 = 12 * 8 wide) and a Llama LM with tied embeddings."""
+    from transformers import Dinov2Config, LlamaConfig, LlavaConfig
+
+    vision = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, intermediate_size=384, image_size=56,
+                  patch_size=14, layerscale_value=0.5)
+    text = dict(hidden_size=80, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=300, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, max_position_embeddings=1024)
+    vision.update(overrides.pop("vision", {}))
+    text.update(overrides.pop("text", {}))
+    return LlavaConfig(vision_config=Dinov2Config(**vision), text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       **overrides)
+
+
+def llava_model(seed: int = 0, perturb: bool = True, **overrides):
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(**overrides)).float().eval()
+    if perturb:
+        randomize_norms_and_biases(model, seed)
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.cls_token.normal_()
+            model.model.vision_tower.embeddings.position_embeddings.normal_(std=0.5)
+    return model

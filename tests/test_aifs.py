@@ -28,7 +28,9 @@ def images(n, seed=3):
 
 
 def prompt_inputs(loaded, text, imgs):
-    return loaded.processor(text=[text], images=imgs, return_tensors="pt")
+    out = loaded.processor(text=[text], images=imgs, return_tensors="pt")
+    out["mm_token_type_ids"] = (out["input_ids"] == tiny.IMAGE_TOKEN).int()
+    return out
 
 
 def logits(loaded, inputs):
@@ -64,13 +66,13 @@ def test_two_images_with_text_between_and_after(pair):
 def _left_padded_batch(processor, prompts, imgs):
     parts = [processor(text=[p], images=[im], return_tensors="pt") for p, im in zip(prompts, imgs)]
     n = max(p["input_ids"].shape[1] for p in parts)
-    ids, mask, types = [], [], []
+    ids, mask = [], []
     for p in parts:
         k = n - p["input_ids"].shape[1]
         ids.append(torch.cat([torch.zeros(1, k, dtype=torch.long), p["input_ids"]], 1))
         mask.append(torch.cat([torch.zeros(1, k, dtype=torch.long), p["attention_mask"]], 1))
-        types.append(torch.cat([torch.zeros(1, k, dtype=torch.int), p["mm_token_type_ids"]], 1))
-    return {"input_ids": torch.cat(ids), "attention_mask": torch.cat(mask), "mm_token_type_ids": torch.cat(types),
+    ids = torch.cat(ids)
+    return {"input_ids": ids, "attention_mask": torch.cat(mask), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int(),
             "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
             "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts])}
 
