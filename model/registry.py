@@ -43,4 +43,4 @@ def for_checkpoint(model_path: str, family: str) -> ModelAdapter:
 
 
 def _load_builtin() -> None:
-    from . import llava, qwen2vl  # noqa: F401  (registering the families)
+    from . import causal_lm, llava, qwen2vl  # noqa: F401  (registering the families)
