@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=48)
+    ap.add_argument("--only", default=None, help="run only the settings whose name contains this text (and FP32)")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.lm, "config.json")):
         raise SystemExit(f"{args.lm} has no converted model: run `make minivlm` first")
@@ -98,6 +99,8 @@ def main() -> None:
     print("|---|---|---|---|")
     fp = None
     for name, kw in SETTINGS:
+        if args.only and name != "FP32" and args.only not in name:
+            continue
         loaded = adapter.load(args.lm, "cpu", torch.float32)
         t0 = time.perf_counter()
         cfg = config(**kw)
