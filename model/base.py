@@ -51,6 +51,7 @@ class Loaded:
 class ModelAdapter(ABC):
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]] = ()  # config.json "architectures" this adapter serves
+    siblings: ClassVar[tuple[str, ...]] = ()       # families the same script may hand a checkpoint to
 
     # -- loading --------------------------------------------------------------------------------
     @abstractmethod

@@ -92,6 +92,7 @@ def stacks(model: nn.Module) -> list[StackSpec]:
 class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
+    siblings = ("qwen2_5vl",)
 
     def _model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
@@ -166,6 +167,7 @@ class Qwen2VLAdapter(ModelAdapter):
 class Qwen25VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    siblings = ("qwen2vl",)
     CUSTOM_PROMPT = False  # VLMEvalKit evaluates Qwen2.5-VL with the datasets' own prompts
 
     def _model_class(self):

@@ -25,21 +25,21 @@ def get(name: str) -> ModelAdapter:
 
 
 def for_checkpoint(model_path: str, family: str) -> ModelAdapter:
-    """The adapter for a local checkpoint: the family's own, or a sibling that claims the
-    checkpoint's architecture (a Qwen2.5-VL folder given to the Qwen2-VL script, say)."""
+    """The adapter for a local checkpoint: the family's own, or one of its declared siblings that
+    claims the checkpoint's architecture (a Qwen2.5-VL folder given to the Qwen2-VL script, say)."""
     _load_builtin()
     cfg = read_config(model_path)
     own = get(family)
-    if own.matches(cfg):
-        return own
-    for cls in _ADAPTERS.values():
-        if cls.matches(cfg):
-            return cls()
+    for name in (family, *own.siblings):
+        adapter = get(name)
+        if adapter.matches(cfg):
+            return adapter
     archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
-    raise ValueError(
-        f"unsupported architecture {archs} in {model_path}/config.json; supported: "
-        + ", ".join(f"{n} ({', '.join(c.architectures)})" for n, c in sorted(_ADAPTERS.items()))
-    )
+    others = [n for n, cls in sorted(_ADAPTERS.items()) if cls.matches(cfg)]
+    hint = f"; it is served by the {others[0]!r} family" if others else ""
+    served = [a for name in (family, *own.siblings) for a in _ADAPTERS[name].architectures]
+    raise ValueError(f"unsupported architecture {archs} in {model_path}/config.json for the {family} script "
+                     f"(it serves {', '.join(served)}){hint}")
 
 
 def _load_builtin() -> None:
