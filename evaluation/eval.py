@@ -26,9 +26,10 @@ VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 def dataset_prompt(dataset_name: str, row: dict) -> str:
     """The dataset's own prompt, as VLMEvalKit builds it for models without a custom prompt:
-    TextVQA / DocVQA ask for a single word or phrase; OCRBench and MME use the bare question."""
+    TextVQA / DocVQA (and SynthBench's one-word subsets) ask for a single word or phrase; OCRBench and
+    MME use the bare question."""
     q = str(row["question"])
-    if any(k in dataset_name for k in ("TextVQA", "DocVQA")):
+    if any(k in dataset_name for k in ("TextVQA", "DocVQA", "SynthBench_VQA", "SynthBench_OCR")):
         return q + VQA_SUFFIX
     return q
 
