@@ -31,7 +31,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model and run")
     g.add_argument("--model_path", required=True,
-                   help="local checkpoint folder (config.json + safetensors), or 'tiny' for the built-in tiny random model")
+                   help="local checkpoint folder (config.json + safetensors), 'tiny' for the built-in tiny random model, "
+                        "or (LLaVA) 'minivlm' for the built-in real-weights MiniVLM")
     g.add_argument("--data_root", default=os.environ.get("LMUData", os.path.expanduser("~/LMUData")),
                    help="folder with the VLMEvalKit-format dataset TSVs (default: $LMUData or ~/LMUData)")
     g.add_argument("--output_dir", default="outputs", help="where results.json is written")
@@ -204,7 +205,8 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     try:
-        adapter = registry.get(family) if args.model_path == "tiny" else registry.for_checkpoint(args.model_path, family)
+        own = registry.get(family)
+        adapter = own if args.model_path in own.builtin_models else registry.for_checkpoint(args.model_path, family)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     if args.rotate_visual_cross_attn:

@@ -52,6 +52,7 @@ class ModelAdapter(ABC):
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]] = ()  # config.json "architectures" this adapter serves
     siblings: ClassVar[tuple[str, ...]] = ()       # families the same script may hand a checkpoint to
+    builtin_models: ClassVar[tuple[str, ...]] = ("tiny",)  # --model_path names built here instead of loaded
 
     # -- loading --------------------------------------------------------------------------------
     @abstractmethod

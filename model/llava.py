@@ -68,10 +68,15 @@ def decoder_stack(model: nn.Module, llm: str, extra_writers: tuple[Writer, ...])
 class LlavaAdapter(ModelAdapter):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    builtin_models = ("tiny", "minivlm")
 
     def load(self, model_path: str, device: str, dtype: torch.dtype) -> Loaded:
         if model_path == "tiny":
             model, processor = tiny.llava_model(), tiny.TinyLlavaProcessor()
+        elif model_path == "minivlm":
+            from .minivlm.build import build
+
+            model, processor = build()
         else:
             from transformers import AutoProcessor, LlavaForConditionalGeneration
 
