@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         step += 1
         if step % 10 == 0:
-            history.append({"step": step, "loss": float(loss), "seconds": spent_before + time.perf_counter() - t_start})
-            print(f"step {step} loss {float(loss):.4f} ({history[-1]['seconds']:.0f}s)", flush=True)
+            history.append({"step": step, "loss": float(loss.detach()), "seconds": spent_before + time.perf_counter() - t_start})
+            print(f"step {step} loss {float(loss.detach()):.4f} ({history[-1]['seconds']:.0f}s)", flush=True)
         if time.perf_counter() - t_ckpt > 300:
             torch.save({"projector": proj.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history}, ckpt)
             t_ckpt = time.perf_counter()
