@@ -20,7 +20,10 @@ PROJECTOR = ("model.multi_modal_projector", "multi_modal_projector")
 LLM = ("model.language_model", "language_model.model")
 
 
-def _dinov2_stack(model: nn.Module, tower: str, projector: str) -> StackSpec:
+def dinov2_stack(model: nn.Module, tower: str, readers: tuple[Reader, ...], final_norm: str | None = None,
+                 keep_mean: bool = True) -> StackSpec:
+    """A transformers ``Dinov2Model`` at ``tower`` (pre-LN blocks with LayerScale, class token, position table),
+    read by ``readers`` -- after ``final_norm`` if given, else straight from the residual stream."""
     cfg = get(model, tower).config
     d, heads = cfg.hidden_size, cfg.num_attention_heads
     e = f"{tower}.embeddings"
@@ -36,9 +39,9 @@ def _dinov2_stack(model: nn.Module, tower: str, projector: str) -> StackSpec:
         norm_kind="layernorm",
         writers=(Writer(f"{e}.patch_embeddings.projection", "conv"), Writer(f"{e}.cls_token", "param"),
                  Writer(f"{e}.mask_token", "param"), Writer(f"{e}.position_embeddings", "param")),
-        final_norm=None,
-        readers=(Reader(f"{projector}.linear_1"),),
-        keep_mean=True,
+        final_norm=final_norm,
+        readers=readers,
+        keep_mean=keep_mean,
     )
 
 
@@ -95,7 +98,8 @@ class LlavaAdapter(ModelAdapter):
 
     def stacks(self, model: nn.Module) -> list[StackSpec]:
         tower, proj, llm = (first_existing(model, p) for p in (TOWER, PROJECTOR, LLM))
-        return [_dinov2_stack(model, tower, proj), decoder_stack(model, llm, (Writer(f"{proj}.linear_2"),))]
+        return [dinov2_stack(model, tower, (Reader(f"{proj}.linear_1"),)),
+                decoder_stack(model, llm, (Writer(f"{proj}.linear_2"),))]
 
     def segments(self, model: nn.Module) -> list[Segment]:
         tower, proj, llm = (first_existing(model, p) for p in (TOWER, PROJECTOR, LLM))

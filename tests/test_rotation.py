@@ -7,7 +7,7 @@ from torch import nn
 from fake_quant import hadamard_utils as hu
 from fake_quant import rotation_utils as ru
 from fake_quant.quant_utils import QuantLinear
-from fake_quant.spec import AttentionSpec, BlockSpec, Reader, StackSpec, Writer, get
+from fake_quant.spec import Reader, StackSpec, get
 from model import qwen2vl, tiny
 
 
@@ -142,22 +142,9 @@ class ViTWithHead(nn.Module):
 
 
 def dinov2_stack(m: ViTWithHead) -> StackSpec:
-    e = "vit.embeddings"
-    return StackSpec(
-        name="visual", hidden_size=96, blocks="vit.encoder.layer",
-        block=BlockSpec(
-            attn_norm="norm1",
-            attn=AttentionSpec(num_heads=2, num_kv_heads=2, head_dim=48, q="attention.q_proj",
-                               k="attention.k_proj", v="attention.v_proj", o="attention.o_proj"),
-            mlp_norm="norm2", mlp_in=("mlp.fc1",), mlp_out="mlp.fc2",
-            attn_scale="layer_scale1", mlp_scale="layer_scale2",
-        ),
-        norm_kind="layernorm",
-        writers=(Writer(f"{e}.patch_embeddings.projection", "conv"), Writer(f"{e}.cls_token", "param"),
-                 Writer(f"{e}.mask_token", "param"), Writer(f"{e}.position_embeddings", "param")),
-        final_norm="vit.layernorm",
-        readers=(Reader("head"),),
-    )
+    from model.llava import dinov2_stack as build
+
+    return build(m, "vit", (Reader("head"),), final_norm="vit.layernorm", keep_mean=False)
 
 
 def test_dinov2_with_layerscale_rotated_gives_the_same_output():
