@@ -206,10 +206,12 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, kwargs) -> list[list[str]]:
     """Linears in the order they run; consecutive ones reading the same tensor form one group."""
-    order: list[tuple[str, int]] = []
+    # the input tensors themselves are kept (not their id()): a freed tensor's id can be reused by
+    # a later, unrelated one, which would merge layers that do not share an input
+    order: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, ql in qlinears.items():
-        hooks.append(ql.register_forward_pre_hook(lambda m, a, n=name: order.append((n, id(a[0])))))
+        hooks.append(ql.register_forward_pre_hook(lambda m, a, n=name: order.append((n, a[0]))))
     try:
         with torch.no_grad():
             _run(module, args, kwargs)
@@ -223,7 +225,7 @@ def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, 
         if name in seen:
             continue
         seen.add(name)
-        if groups and inp == last_input:
+        if groups and inp is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
