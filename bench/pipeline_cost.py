@@ -1,11 +1,13 @@
 """Wall time and peak memory of the full W4A8 pipeline on random-weight Qwen2-VL models of real width.
 
 Each configuration runs in its own process (peak RSS is per process) with the 2B widths (vision
-1280 x depth, LLM 1536 hidden / 8960 FFN / 12 heads / 2 KV heads, vocabulary 151936) and a varying
+1280 x depth, LLM 1536 hidden / 8960 FFN / 12 heads / 2 KV heads, vocabulary 151936; `--widths 7B`:
+3584 / 18944 / 28 / 4) and a varying
 number of LLM layers, then prints a Markdown table. Calibration: 8 GPTQ rows and 16 static rows of
 the built-in set (112 px images -> 64 patches).
 
     python bench/pipeline_cost.py [--llm_layers 2,4,8] [--vision_layers 2] [--vocab 151936]
+                                  [--widths 2B|7B] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def one_run(llm_layers: int, vision_layers: int, vocab: int) -> dict:
+WIDTHS = {  # (LLM hidden, FFN, heads, KV heads, M-RoPE sections), vision 1280 wide in both
+    "2B": (1536, 8960, 12, 2, [16, 24, 24]),
+    "7B": (3584, 18944, 28, 4, [16, 24, 24]),
+}
+
+
+def one_run(llm_layers: int, vision_layers: int, vocab: int, device: str = "cpu", dtype: str = "float32",
+            widths: str = "2B") -> dict:
     import torch
 
     from evaluation.builtin import builtin_rows
@@ -32,24 +41,26 @@ def one_run(llm_layers: int, vision_layers: int, vocab: int) -> dict:
     from model.qwen2vl import Qwen2VLAdapter
 
     torch.set_grad_enabled(False)
+    hidden, ffn, heads, kv, sections = WIDTHS[widths]
     t0 = time.perf_counter()
     cfg = tiny.qwen2vl_config(
-        text={"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": llm_layers,
-              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": vocab,
-              "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
-        vision={"depth": vision_layers, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16},
+        text={"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": llm_layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+              "rope_scaling": {"type": "mrope", "mrope_section": sections}},
+        vision={"depth": vision_layers, "embed_dim": 1280, "hidden_size": hidden, "num_heads": 16},
         tie_word_embeddings=True,
     )
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg).float().eval()
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration(cfg).to(getattr(torch, dtype)).eval()
     weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     rss_after_build = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     adapter = Qwen2VLAdapter()
     loaded = Loaded(model, tiny.TinyQwenProcessor(), "random-2B-widths")
     rows = builtin_rows(16, seed=0)
-    batches = [adapter.build_inputs(loaded, Sample([r["image"]], r["question"]), "cpu") for r in rows]
+    batches = [adapter.build_inputs(loaded, Sample([r["image"]], r["question"]), device) for r in rows]
     q = QuantConfig(nsamples=8, calib_num=16, seed=0)
     r = q.rotation
     r.rotate = r.visual = r.llm = r.online_visual_hadamard = r.online_llm_hadamard = True
@@ -60,11 +71,14 @@ def one_run(llm_layers: int, vision_layers: int, vocab: int) -> dict:
     q.gptq.act_order = True
     t1 = time.perf_counter()
     report = pipeline.run(q, adapter, loaded, batches[:8], batches)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return {
         "llm_layers": llm_layers, "vision_layers": vision_layers, "weights_mb": weight_mb,
         "build_s": t1 - t0, "pipeline_s": time.perf_counter() - t1,
         "stages": report.seconds, "rss_after_build_mb": rss_after_build,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0,
     }
 
 
@@ -73,20 +87,28 @@ def main() -> None:
     ap.add_argument("--llm_layers", default="2,4,8")
     ap.add_argument("--vision_layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--widths", default="2B", choices=sorted(WIDTHS))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args._child is not None:
-        print(json.dumps(one_run(args._child, args.vision_layers, args.vocab)))
+        print(json.dumps(one_run(args._child, args.vision_layers, args.vocab, args.device, dtype, args.widths)))
         return
     import torch
 
-    print(f"Qwen2-VL-2B widths, random weights, fp32 on CPU ({torch.get_num_threads()} threads); "
+    where = (f"on {torch.cuda.get_device_name()}" if args.device.startswith("cuda")
+             else f"on CPU ({torch.get_num_threads()} threads)")
+    print(f"Qwen2-VL-{args.widths} widths, random weights, {dtype} {where}; "
           f"{args.vision_layers} vision blocks; W4A8 static, GPTQ act-order + MSE clip, full rotation\n")
-    print("| LLM layers | weights MB | pipeline s | s per LLM layer | GPTQ llm s | peak RSS MB | peak RSS - weights MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| LLM layers | weights MB | pipeline s | s per LLM layer | GPTQ llm s | peak RSS MB | peak RSS - weights MB "
+          "| peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in (int(v) for v in args.llm_layers.split(",")):
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_child", str(n),
-                              "--vision_layers", str(args.vision_layers), "--vocab", str(args.vocab)],
+                              "--vision_layers", str(args.vision_layers), "--vocab", str(args.vocab),
+                              "--widths", args.widths, "--device", args.device, "--dtype", dtype],
                              capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             print(out.stderr[-2000:])
@@ -94,7 +116,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         llm_s = r["stages"].get("weights:llm", 0.0)
         print(f"| {n} | {r['weights_mb']:.0f} | {r['pipeline_s']:.1f} | {llm_s / n:.1f} | {llm_s:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['weights_mb']:.0f} |", flush=True)
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['weights_mb']:.0f} | {r['peak_cuda_mb']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from fake_quant import aifs, pipeline
 from fake_quant.config import QuantConfig
 from model import registry, tiny
 from model.base import Loaded, Sample
+from tests import DEVICE
 
 PAD = tiny.TinyQwenProcessor.PAD
 
@@ -16,7 +17,7 @@ PAD = tiny.TinyQwenProcessor.PAD
 @pytest.fixture(scope="module")
 def pair():
     ad = registry.get("qwen2vl")
-    base = ad.load("tiny", "cpu", torch.float32)
+    base = ad.load("tiny", DEVICE, torch.float32)
     switched = Loaded(copy.deepcopy(base.model), base.processor, "tiny")
     cfg = QuantConfig(aifs=True)
     pipeline.rebuild(cfg, ad, switched)
@@ -50,7 +51,7 @@ def test_permutation_and_mask():
 
 def test_one_image(pair):
     ad, base, sw = pair
-    inp = ad.build_inputs(base, Sample(images(1), "What is shown?"), "cpu")
+    inp = ad.build_inputs(base, Sample(images(1), "What is shown?"), DEVICE)
     assert torch.allclose(logits(sw, inp), logits(base, inp), atol=1e-5, rtol=0)
     assert sw.modality_state.perm is not None and sw.modality_state.perm[0, 0] != 0  # it did reorder
 
@@ -97,7 +98,7 @@ def test_greedy_generation_with_kv_cache_gives_the_same_tokens(pair):
 
 
 def test_msq_with_aifs_equals_msq_without(tmp_path):
-    from exam.common import main
+    from tests import main
 
     flags = ["--model_path", "tiny", "--rotate", "--rotate_llm", "--rotate_visual_clip", "--quant", "--quant_llm",
              "--quant_visual_clip", "--llm_static", "--visual_static", "--llm_w_rtn", "--visual_w_rtn",
@@ -110,5 +111,5 @@ def test_msq_with_aifs_equals_msq_without(tmp_path):
     assert len(qs_plain) == len(qs_sw) == 14  # 7 linears x 2 LLM layers
     for a, b in zip(qs_plain, qs_sw):  # the same calibrated scales, visual and text
         assert torch.allclose(a.scale, b.scale, rtol=1e-5)
-    inp = ad.build_inputs(lp, Sample(images(1, seed=9), "What is it?"), "cpu")
+    inp = ad.build_inputs(lp, Sample(images(1, seed=9), "What is it?"), DEVICE)
     assert torch.allclose(logits(ls, inp), logits(lp, inp), atol=1e-4, rtol=0)

@@ -1,7 +1,6 @@
 import csv
 
-
-from exam.common import main
+from tests import main
 
 
 def test_analysis_writes_tables_and_plots(tmp_path):

@@ -5,8 +5,8 @@ import torch
 
 from evaluation import datasets
 from evaluation.eval import evaluate
-from exam.common import main
 from model import registry
+from tests import DEVICE, main
 
 FIX = "tests/fixtures"
 
@@ -51,10 +51,10 @@ def test_calibration_rows_are_never_scored_and_pairs_stay_whole():
 
 def test_interrupted_evaluation_resumes_without_recomputing(tmp_path):
     ad = registry.get("qwen2vl")
-    loaded = ad.load("tiny", "cpu", torch.float32)
+    loaded = ad.load("tiny", DEVICE, torch.float32)
     rows = datasets.load_rows(FIX, "TextVQA_VAL")
     meta = {"run": "a"}
-    first = evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), "cpu", 3, meta)
+    first = evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), DEVICE, 3, meta)
     path = tmp_path / "TextVQA_VAL_predictions.jsonl"
     lines = path.read_text().splitlines()
     assert len(lines) == 1 + len(rows)
@@ -62,11 +62,11 @@ def test_interrupted_evaluation_resumes_without_recomputing(tmp_path):
     calls = []
     real = loaded.model.generate
     loaded.model.generate = lambda *a, **k: calls.append(1) or real(*a, **k)
-    second = evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), "cpu", 3, meta)
+    second = evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), DEVICE, 3, meta)
     assert len(calls) == len(rows) - 2 and second["rows_resumed"] == 2
     assert second["scores"] == first["scores"]
     with pytest.raises(RuntimeError, match="holds predictions of another run"):
-        evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), "cpu", 3, {"run": "b"})
+        evaluate(ad, loaded, "TextVQA_VAL", rows, str(tmp_path), DEVICE, 3, {"run": "b"})
 
 
 def test_quant_script_on_a_benchmark_writes_scores(tmp_path):

@@ -5,16 +5,16 @@ import pytest
 import torch
 
 from evaluation.builtin import builtin_rows
-from exam.common import main
 from fake_quant import pipeline
 from fake_quant.config import QuantConfig
 from fake_quant.quant_utils import PatchConvLinear, QuantLinear
 from model import registry
 from model.base import Loaded, Sample
+from tests import DEVICE, main
 
 
 def batches(ad, loaded, n=3, seed=11):
-    return [ad.build_inputs(loaded, Sample([r["image"]], r["question"]), "cpu") for r in builtin_rows(n, seed=seed)]
+    return [ad.build_inputs(loaded, Sample([r["image"]], r["question"]), DEVICE) for r in builtin_rows(n, seed=seed)]
 
 
 def logits(model, bs):
@@ -25,7 +25,7 @@ def logits(model, bs):
 @pytest.fixture(scope="module")
 def llava():
     ad = registry.get("llava")
-    return ad, ad.load("tiny", "cpu", torch.float32)
+    return ad, ad.load("tiny", DEVICE, torch.float32)
 
 
 def test_full_rotation_and_aifs_keep_logits(llava):
@@ -64,7 +64,12 @@ def test_w4a8_pipeline_quantizes_every_part(tmp_path, llava):
 
 
 def test_unsupported_vision_tower_is_refused():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                      num_attention_heads=2, image_size=28, patch_size=14),

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from evaluation.builtin import builtin_rows
-from exam.common import main
 from fake_quant import pipeline
 from fake_quant.config import QuantConfig
 from fake_quant.quant_utils import PatchConvLinear, QuantLinear
 from model import registry
 from model.base import Sample
-from model.qwen2vl import Qwen25VLAdapter, Qwen2VLAdapter
+from model.qwen2vl import Qwen2VLAdapter, Qwen25VLAdapter
+from tests import DEVICE, main
 
 PAPER_W4A8 = ("--rotate --rotate_visual_clip --rotate_visual_cross_attn --rotate_llm --visual_w_bits 4 --visual_a_bits 8 "
               "--llm_w_bits 4 --llm_a_bits 8 --quant --quant_llm --quant_visual_clip --quant_cross_attention "
@@ -21,7 +21,7 @@ PAPER_W4A8 = ("--rotate --rotate_visual_clip --rotate_visual_cross_attn --rotate
 
 def held_out_batches(adapter, loaded, n=6):
     rows = builtin_rows(60, seed=42)[40:40 + n]  # calibration uses rows 0..15
-    return [adapter.build_inputs(loaded, Sample([r["image"]], r["question"]), "cpu") for r in rows]
+    return [adapter.build_inputs(loaded, Sample([r["image"]], r["question"]), DEVICE) for r in rows]
 
 
 def logits(model, batches):
@@ -36,7 +36,7 @@ def rel(a, b):
 @pytest.fixture(scope="module")
 def fp_reference():
     ad = registry.get("qwen2vl")
-    fp = ad.load("tiny", "cpu", torch.float32)
+    fp = ad.load("tiny", DEVICE, torch.float32)
     batches = held_out_batches(ad, fp)
     return batches, logits(fp.model, batches)
 
@@ -48,7 +48,7 @@ def run(tmp_path, *extra, name="run"):
 @pytest.mark.parametrize("family", ["qwen2vl", "qwen2_5vl"])
 def test_rotation_without_quantization_keeps_logits(family):
     ad = registry.get(family)
-    loaded = ad.load("tiny", "cpu", torch.float32)
+    loaded = ad.load("tiny", DEVICE, torch.float32)
     batches = held_out_batches(ad, loaded, 3)
     ref = logits(loaded.model, batches)
     cfg = QuantConfig()

@@ -15,6 +15,7 @@ from fake_quant.spec import get
 from model import registry, tiny
 from model.base import Sample
 from model.qwen2vl import stacks
+from tests import DEVICE
 
 DOWN = "model.language_model.layers.{}.mlp.down_proj"
 
@@ -88,10 +89,10 @@ def test_no_split_when_no_row_meets_the_condition():
 @pytest.mark.parametrize("keep_fp", [False, True])
 def test_pipeline_quantizes_the_branch_with_its_own_scales_or_keeps_it_fp(keep_fp):
     ad = registry.get("qwen2vl")
-    loaded = ad.load("tiny", "cpu", torch.float32)
+    loaded = ad.load("tiny", DEVICE, torch.float32)
     loaded.model = model_with_row_means(seed=2)
     rows = builtin_rows(8, seed=0)
-    batches = [ad.build_inputs(loaded, Sample([r["image"]], r["question"]), "cpu") for r in rows]
+    batches = [ad.build_inputs(loaded, Sample([r["image"]], r["question"]), DEVICE) for r in rows]
     cfg = QuantConfig(nsamples=4, calib_num=8)
     r = cfg.rotation
     r.rotate = r.llm = r.online_llm_hadamard = True
