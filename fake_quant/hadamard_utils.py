@@ -325,6 +325,16 @@ def _fast_kernel():
     return kernel
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fast_hadamard_transform refuses others
+
+
+def _kernel_applies(x: torch.Tensor, plan: HadamardPlan) -> bool:
+    """Whether the CUDA kernel can take this input: on a GPU, a dtype it supports (the offline
+    rotation of weights runs in float64, which only the torch path handles) and a 2^m factor in
+    its range."""
+    return x.is_cuda and x.dtype in KERNEL_DTYPES and 1 < plan.p <= 32768
+
+
 def hadamard_transform(x: torch.Tensor, normalize: bool = True, plan: HadamardPlan | None = None,
                        fallback: str = "error") -> torch.Tensor:
     """``x @ H.T`` (divided by sqrt(n) when ``normalize``) along the last dimension, for any
@@ -337,7 +347,7 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True, plan: HadamardPl
         x = torch.nn.functional.pad(x, (0, plan.out_dim - n))
     lead = x.shape[:-1]
     scale = 1.0 / math.sqrt(plan.out_dim) if normalize else 1.0
-    kernel = _fast_kernel() if x.is_cuda and 1 < plan.p <= 32768 else None
+    kernel = _fast_kernel() if _kernel_applies(x, plan) else None
     if kernel is not None:  # CUDA kernel for the 2^m part, one GEMM for the K-block
         y = kernel(x.reshape(-1, plan.k, plan.p).contiguous(), scale)
         if plan.k > 1:

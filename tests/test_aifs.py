@@ -31,7 +31,7 @@ def images(n, seed=3):
 def prompt_inputs(loaded, text, imgs):
     out = loaded.processor(text=[text], images=imgs, return_tensors="pt")
     out["mm_token_type_ids"] = (out["input_ids"] == tiny.IMAGE_TOKEN).int()
-    return out
+    return {k: v.to(DEVICE) for k, v in out.items()}
 
 
 def logits(loaded, inputs):
@@ -73,9 +73,10 @@ def _left_padded_batch(processor, prompts, imgs):
         ids.append(torch.cat([torch.zeros(1, k, dtype=torch.long), p["input_ids"]], 1))
         mask.append(torch.cat([torch.zeros(1, k, dtype=torch.long), p["attention_mask"]], 1))
     ids = torch.cat(ids)
-    return {"input_ids": ids, "attention_mask": torch.cat(mask), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int(),
-            "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
-            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts])}
+    out = {"input_ids": ids, "attention_mask": torch.cat(mask), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int(),
+           "pixel_values": torch.cat([p["pixel_values"] for p in parts]),
+           "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts])}
+    return {k: v.to(DEVICE) for k, v in out.items()}
 
 
 def test_batch_of_two_prompts_with_padding(pair):

@@ -140,3 +140,27 @@ def test_finite_fields():
     assert len(m) == 4 and m[-1] == 1
     # no root in GF(7): a cubic without roots is irreducible
     assert all(sum(c * x**i for i, c in enumerate(m)) % 7 for x in range(7))
+
+
+def test_cuda_kernel_only_takes_dtypes_it_supports():
+    """fast_hadamard_transform handles fp32/fp16/bf16; the offline rotation transforms float64
+    weights, which must stay on the torch path (seen failing on an H200 before this rule)."""
+    from types import SimpleNamespace
+
+    plan = hu.get_plan(3584)
+    on_gpu = [hu._kernel_applies(SimpleNamespace(is_cuda=True, dtype=d), plan)
+              for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
+    assert on_gpu == [True, True, True, False]
+    assert not hu._kernel_applies(SimpleNamespace(is_cuda=False, dtype=torch.float32), plan)
+    assert not hu._kernel_applies(SimpleNamespace(is_cuda=True, dtype=torch.float32), hu.get_plan(12))  # no 2^m part
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_transform_on_cuda_matches_the_matrix(dtype):
+    n = 3584
+    x = torch.randn(8, n, dtype=torch.float64, device="cuda")
+    ref = x @ hu.hadamard_matrix(n, device="cuda").T / n**0.5
+    out = hu.hadamard_transform(x.to(dtype)).double()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    assert float((out - ref).abs().max() / ref.abs().max()) < tol

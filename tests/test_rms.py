@@ -90,7 +90,7 @@ def test_no_split_when_no_row_meets_the_condition():
 def test_pipeline_quantizes_the_branch_with_its_own_scales_or_keeps_it_fp(keep_fp):
     ad = registry.get("qwen2vl")
     loaded = ad.load("tiny", DEVICE, torch.float32)
-    loaded.model = model_with_row_means(seed=2)
+    loaded.model = model_with_row_means(seed=2).to(DEVICE)
     rows = builtin_rows(8, seed=0)
     batches = [ad.build_inputs(loaded, Sample([r["image"]], r["question"]), DEVICE) for r in rows]
     cfg = QuantConfig(nsamples=4, calib_num=8)
@@ -110,4 +110,4 @@ def test_pipeline_quantizes_the_branch_with_its_own_scales_or_keeps_it_fp(keep_f
         assert layer.branch.weight_quantized and layer.branch.input_quantizer.is_frozen
         assert layer.branch.input_quantizer.scale is not layer.main.input_quantizer.scale
         # one column per row: a per-channel 4-bit grid holds it exactly
-        assert torch.allclose(layer.branch.weight.abs(), layer.branch.weight_scale.reshape(-1, 1) * 7, rtol=1e-5)
+        assert torch.allclose(layer.branch.weight.abs(), layer.branch.weight_scale.to(layer.branch.weight.device).reshape(-1, 1) * 7, rtol=1e-5)
