@@ -5,14 +5,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo selfcheck test test-slow test-all test-vlmeval minivlm bench clean
+.PHONY: demo demo-tiny selfcheck test test-slow test-all test-vlmeval minivlm bench quality clean
 
 # The paper's W4A8 flag set (vision W4A8, LLM W4A8, static activations, rotations, online Hadamard)
-# on the built-in tiny random Qwen2-VL.
+# on the built-in tiny random Qwen2-VL (`make demo-tiny`).
 DEMO_FLAGS := --model_path tiny --rotate --rotate_visual_clip --rotate_visual_cross_attn --rotate_llm \
 	--visual_w_bits 4 --visual_a_bits 8 --llm_w_bits 4 --llm_a_bits 8 --quant --quant_llm --quant_visual_clip \
 	--quant_cross_attention --visual_w_clip --llm_w_clip --visual_static --llm_static --online_llm_hadamard \
-	--online_visual_hadamard --act_order --nsamples 8 --calib_num 16 --output_dir outputs/demo
+	--online_visual_hadamard --act_order --nsamples 8 --calib_num 16 --output_dir outputs/demo-tiny
 
 $(STAMP): requirements.txt constraints.txt
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ needed, found " + sys.version'
@@ -20,7 +20,7 @@ $(STAMP): requirements.txt constraints.txt
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo-tiny: $(STAMP)
 	$(PY) exam/quant_qwen2vl.py $(DEMO_FLAGS)
 
 selfcheck: $(STAMP)
@@ -38,6 +38,17 @@ $(MINIVLM_STAMP): $(STAMP) requirements-minivlm.txt
 
 minivlm: $(MINIVLM_STAMP)
 	$(PY) -m model.minivlm.convert
+
+# The main job: MiniVLM (real weights) quantized FP / W8A8 / W4A8 three ways, scored on SynthBench.
+DEMO_EVAL_NUM ?= 60
+demo: $(MINIVLM_STAMP)
+	$(PY) -m model.minivlm.convert
+	$(PY) exam/demo_minivlm.py --eval_num $(DEMO_EVAL_NUM) --output_dir outputs/demo
+
+# Quality on real weights (SmolLM2 perplexity, MiniVLM SynthBench + KL); tables go to docs/results.md by hand.
+quality: $(MINIVLM_STAMP)
+	$(PY) -m model.minivlm.convert
+	$(PY) bench/quality.py
 
 test-slow: $(MINIVLM_STAMP)
 	$(PY) -m pytest -q -m slow

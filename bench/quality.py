@@ -1,10 +1,17 @@
 """Quantization quality on real weights.
 
-Part 1 (this file's default): SmolLM2-135M-Instruct alone (converted by ``make minivlm``), perplexity on
+Part 1 (``--part lm``): SmolLM2-135M-Instruct alone (converted by ``make minivlm``), perplexity on
 English text that ships with Python (``pydoc_data.topics``: the language reference's topic texts). The
 topics are sorted by name; the first half calibrates, the second half is scored -- disjoint text.
 
-    python bench/quality.py [--lm DIR] [--nsamples 32] [--seqlen 256] [--eval_windows 48]
+Part 2 (``--part vlm``): MiniVLM (DINOv2-S + trained projector + SmolLM2) on SynthBench: the three
+subsets' scores and the next-token KL divergence from the FP32 model, teacher-forced on image + question
++ reference answer (all text positions after the image), for RTN / GPTQ, dynamic / static activations and
+MSQ / AIFS / RMS on and off. Calibration uses the SynthBench calibration files only.
+
+    python bench/quality.py [--part lm|vlm|all] [--only TEXT]
+        part 1: [--lm DIR] [--nsamples 32] [--seqlen 256] [--eval_windows 48]
+        part 2: [--eval_num 60] [--kl_rows 20]
 
 Caveat: the GGUF source stored this model's linear weights in 4 bits (Q4_1, blocks of 32), so W4 results are
 somewhat optimistic; A8 and W8 effects are realistic.
@@ -12,6 +19,7 @@ somewhat optimistic; A8 and W8 effects are realistic.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -80,16 +88,27 @@ def perplexity(model, windows) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="all", choices=["lm", "vlm", "all"])
     ap.add_argument("--lm", default=os.path.join(default_cache(), "smollm2-135m"))
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=48)
+    ap.add_argument("--eval_num", type=int, default=60, help="part 2: SynthBench rows scored per subset")
+    ap.add_argument("--kl_rows", type=int, default=20, help="part 2: rows per subset for the KL divergence")
+    ap.add_argument("--output_dir", default="outputs/quality")
     ap.add_argument("--only", default=None, help="run only the settings whose name contains this text (and FP32)")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.lm, "config.json")):
         raise SystemExit(f"{args.lm} has no converted model: run `make minivlm` first")
     logging.disable(logging.INFO)
     torch.set_grad_enabled(False)
+    if args.part in ("lm", "all"):
+        part_lm(args)
+    if args.part in ("vlm", "all"):
+        part_vlm(args)
+
+
+def part_lm(args) -> None:
     adapter = get_adapter("causal_lm")
     calib, evals = text_windows(adapter.load(args.lm, "cpu", torch.float32).processor, args.seqlen)
     calib, evals = calib[: args.nsamples], evals[: args.eval_windows]
@@ -111,6 +130,97 @@ def main() -> None:
         ppl = perplexity(loaded.model, evals)
         fp = fp or ppl
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / fp - 1):+.1f}% | {time.perf_counter() - t0:.0f} |", flush=True)
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# part 2: MiniVLM on SynthBench
+# ---------------------------------------------------------------------------------------------
+_ROT = ["--rotate", "--rotate_visual_clip", "--rotate_llm", "--online_visual_hadamard", "--online_llm_hadamard"]
+_Q = ["--quant", "--quant_visual_clip", "--quant_cross_attention", "--quant_llm"]
+_GPTQ = ["--act_order", "--visual_w_clip", "--llm_w_clip"]
+_RTN = ["--visual_w_rtn", "--llm_w_rtn"]
+_W8 = ["--visual_w_bits", "8", "--llm_w_bits", "8"]
+_STATIC = ["--visual_static", "--llm_static"]
+_RMS = ["--visual_split", "--llm_split"]
+VLM_SETTINGS = [
+    ("FP32", []),
+    ("W8A8 RTN, dynamic per-token", _Q + _W8 + _RTN),
+    ("W8A8 MQuant (static, MSQ + AIFS)", _ROT + _Q + _GPTQ + _W8 + _STATIC + ["--aifs"]),
+    ("W4A8 RTN, dynamic per-token", _Q + _RTN),
+    ("W4A8 GPTQ + rotation, dynamic per-token", _ROT + _Q + _GPTQ),
+    ("W4A8 static, one scale (no MSQ)", _ROT + _Q + _GPTQ + _STATIC + ["--no_msq"]),
+    ("W4A8 static, one scale + RMS", _ROT + _Q + _GPTQ + _STATIC + ["--no_msq"] + _RMS),
+    ("W4A8 static, MSQ", _ROT + _Q + _GPTQ + _STATIC),
+    ("W4A8 static, MSQ + AIFS", _ROT + _Q + _GPTQ + _STATIC + ["--aifs"]),
+    ("W4A8 MQuant (static, MSQ + AIFS + RMS)", _ROT + _Q + _GPTQ + _STATIC + ["--aifs"] + _RMS),
+]
+
+
+def kl_inputs(adapter, loaded, evals: dict, n: int) -> list[dict]:
+    """Image + question prompts with the reference answer appended (teacher forcing)."""
+    from evaluation import datasets
+    from evaluation.scorers import parse_answers
+    from model.base import Sample
+
+    tok = loaded.processor.tokenizer
+    out = []
+    for subset, rows in evals.items():
+        for r in rows[:n]:
+            inp = adapter.build_inputs(loaded, Sample([datasets.image_of(r)], adapter.prompt(subset, r)), "cpu")
+            ans = tok(parse_answers(r["answer"])[0] + "<|im_end|>", add_special_tokens=False,
+                      return_tensors="pt")["input_ids"]
+            inp["input_ids"] = torch.cat([inp["input_ids"], ans], 1)
+            inp["attention_mask"] = torch.ones_like(inp["input_ids"])
+            out.append(inp)
+    return out
+
+
+def text_logprobs(adapter, loaded, batches: list[dict]) -> list[torch.Tensor]:
+    """Log-probabilities of the next token at every text position after the first image token."""
+    out = []
+    for b in batches:
+        logits = loaded.model(**b, use_cache=False).logits[0].float()
+        visual = adapter.visual_token_mask(loaded, b)[0]
+        after = torch.arange(len(visual)) > int(visual.nonzero().max())
+        out.append(torch.log_softmax(logits[after], -1))
+    return out
+
+
+def part_vlm(args) -> None:
+    from evaluation import synthbench
+    from exam.demo_minivlm import calibration_rows, evaluation_rows, quantized_minivlm, score_synthbench
+
+    adapter = get_adapter("llava")
+    evals = evaluation_rows(args.eval_num)
+    calib = calibration_rows(32, 64)
+    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector), fp32 CPU; SynthBench scores in percent on "
+          f"{args.eval_num} rows per subset; KL(FP32 || setting) in nats per text token on {args.kl_rows} rows "
+          f"per subset (teacher-forced reference answers); calibration: {len(calib)} rows of the SynthBench "
+          f"calibration files (32 for GPTQ, 64 for static scales)\n")
+    print("| setting | " + " | ".join(synthbench.SUBSETS) + " | mean | KL | seconds |")
+    print("|---|" + "---|" * (len(synthbench.SUBSETS) + 3))
+    ref, table = None, {}
+    for name, flags in VLM_SETTINGS:
+        if args.only and name != "FP32" and args.only not in name:
+            continue
+        t0 = time.perf_counter()
+        loaded = quantized_minivlm(adapter, flags, calib, 32, 64)
+        batches = kl_inputs(adapter, loaded, evals, args.kl_rows)
+        lp = text_logprobs(adapter, loaded, batches)
+        if ref is None:
+            ref = lp
+        kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(ref, lp)) / sum(len(p) for p in ref)
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug),
+                               {"setting": name, "flags": flags, "eval_num": args.eval_num}, 6)
+        mean = sum(row.values()) / len(row)
+        table[name] = {**row, "mean": mean, "kl": kl, "seconds": time.perf_counter() - t0}
+        print(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in synthbench.SUBSETS) +
+              f" | {mean:.1f} | {kl:.4f} | {table[name]['seconds']:.0f} |", flush=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "minivlm_quality.json"), "w") as f:
+            json.dump(table, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Prints a Markdown table (scores in percent, wall time) and writes it to ``output
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +47,47 @@ def percent(subset: str, scores: dict) -> float:
     return scores["Overall"]
 
 
+def calibration_rows(nsamples: int, calib_num: int) -> list[dict]:
+    """An even spread over the three SynthBench calibration files (never the evaluation files)."""
+    rows = [r for s in synthbench.SUBSETS for r in datasets.load_rows(DATA, f"{s}_calib")]
+    return rows[:: max(1, len(rows) // max(nsamples, calib_num))]
+
+
+def evaluation_rows(eval_num: int | None) -> dict[str, list[dict]]:
+    return {s: datasets.load_rows(DATA, s)[:eval_num] for s in synthbench.SUBSETS}
+
+
+def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int):
+    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32)."""
+    loaded = adapter.load("minivlm", "cpu", torch.float32)
+    if flags:
+        cfg = config_from_args(build_parser("llava").parse_args(
+            ["--model_path", "minivlm", "--nsamples", str(nsamples), "--calib_num", str(calib_num), *flags]))
+        batches = [adapter.build_inputs(loaded, Sample([datasets.image_of(r)], r["question"]), "cpu")
+                   for r in calib_rows]
+        pipeline.run(cfg, adapter, loaded, batches[:nsamples], batches[:calib_num])
+    return loaded
+
+
+def projector_digest() -> str:
+    """Identifies the trained projector, so cached predictions of another one are never reused."""
+    from model.minivlm.build import PROJECTOR_FILE
+
+    with open(PROJECTOR_FILE, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def score_synthbench(adapter, loaded, evals: dict[str, list[dict]], out_dir: str, meta: dict,
+                     max_new_tokens: int) -> dict[str, float]:
+    """Percent score per subset (greedy answers; predictions cached in ``out_dir``)."""
+    meta = {**meta, "projector": projector_digest()}
+    row = {}
+    for subset, rows in evals.items():
+        out = evaluate(adapter, loaded, subset, rows, out_dir, "cpu", max_new_tokens, meta)
+        row[subset] = percent(subset, out["scores"])
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default="outputs/demo")
@@ -58,39 +100,30 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
     adapter = get("llava")
-    evals = {s: datasets.load_rows(DATA, s)[: args.eval_num] for s in synthbench.SUBSETS}
-    calib_rows = [r for s in synthbench.SUBSETS for r in datasets.load_rows(DATA, f"{s}_calib")]
-    calib_rows = calib_rows[:: max(1, len(calib_rows) // max(args.nsamples, args.calib_num))]
+    evals = evaluation_rows(args.eval_num)
+    calib_rows = calibration_rows(args.nsamples, args.calib_num)
 
     summary, timing = {}, {}
-    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench, CPU fp32; calibration: "
-          f"{len(calib_rows)} rows of the SynthBench calibration files; scores in percent\n")
+    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench "
+          f"({', '.join(f'{len(r)} rows' for r in evals.values())}), CPU fp32; calibration: {len(calib_rows)} rows "
+          f"of the SynthBench calibration files; scores in percent\n")
     print("| setting | " + " | ".join(synthbench.SUBSETS) + " | seconds |")
     print("|---|" + "---|" * (len(synthbench.SUBSETS) + 1))
     for name, flags in SETTINGS:
         if args.only and name != "FP32" and args.only not in name:
             continue
         t0 = time.perf_counter()
-        loaded = adapter.load("minivlm", "cpu", torch.float32)
-        if flags:
-            cfg = config_from_args(build_parser("llava").parse_args(
-                ["--model_path", "minivlm", "--nsamples", str(args.nsamples), "--calib_num", str(args.calib_num), *flags]))
-            batches = [adapter.build_inputs(loaded, Sample([datasets.image_of(r)], r["question"]), "cpu")
-                       for r in calib_rows]
-            pipeline.run(cfg, adapter, loaded, batches[: args.nsamples], batches[: args.calib_num])
-        row = {}
-        for subset, rows in evals.items():
-            out = evaluate(adapter, loaded, subset, rows, os.path.join(args.output_dir, _slug(name)), "cpu",
-                           args.max_new_tokens, {"setting": name, "flags": flags, "eval_num": args.eval_num})
-            row[subset] = percent(subset, out["scores"])
+        loaded = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
+        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, _slug(name)),
+                               {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
         summary[name], timing[name] = row, time.perf_counter() - t0
         print(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in synthbench.SUBSETS) + f" | {timing[name]:.0f} |",
               flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(args.output_dir, "timing.json"), "w") as f:
-        json.dump(timing, f, indent=2)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:  # rewritten after each setting
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(args.output_dir, "timing.json"), "w") as f:
+            json.dump(timing, f, indent=2)
     return summary
 
 
