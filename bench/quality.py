@@ -154,6 +154,9 @@ VLM_SETTINGS = [
     ("W4A8 static, MSQ", _ROT + _Q + _GPTQ + _STATIC),
     ("W4A8 static, MSQ + AIFS", _ROT + _Q + _GPTQ + _STATIC + ["--aifs"]),
     ("W4A8 MQuant (static, MSQ + AIFS + RMS)", _ROT + _Q + _GPTQ + _STATIC + ["--aifs"] + _RMS),
+    ("W8A8 MQuant + sink scale", _ROT + _Q + _GPTQ + _W8 + _STATIC + ["--aifs", "--sink_scale"]),
+    ("W4A8 static, one scale + sink scale", _ROT + _Q + _GPTQ + _STATIC + ["--no_msq", "--sink_scale"]),
+    ("W4A8 MQuant + sink scale", _ROT + _Q + _GPTQ + _STATIC + ["--aifs", "--sink_scale"] + _RMS),
 ]
 
 

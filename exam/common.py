@@ -104,6 +104,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help="modality-specific quantization: with --llm_static, separate static scales for visual and "
                         "text tokens in the LLM (default)")
     g.add_argument("--no_msq", dest="msq", action="store_false", help="one static scale shared by all LLM tokens")
+    g.add_argument("--sink_scale", action="store_true",
+                   help="with --llm_static: one more static scale set for the first token of every sequence (the "
+                        "attention sink, whose activations dwarf all others); not part of the paper's method")
     g.add_argument("--aifs", action="store_true",
                    help="attention-invariant flexible switching: visual tokens first at prefill, same outputs")
     g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
@@ -124,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
                     args.visual_w_clip, args.visual_w_rtn),
         llm=part("llm", args.quant_llm, args.llm_w_bits, args.llm_a_bits, args.llm_static, args.llm_w_clip, args.llm_w_rtn),
         connector=args.quant and args.quant_cross_attention,
-        msq=args.msq, aifs=args.aifs,
+        msq=args.msq, aifs=args.aifs, sink_scale=args.sink_scale,
         gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order),
         rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
@@ -322,7 +325,7 @@ def _config_from_dict(d: dict) -> QuantConfig:
         return PartConfig(name=p["name"], quantize=p["quantize"], weight=WeightConfig(**p["weight"]), act=ActConfig(**p["act"]))
 
     return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"], msq=d.get("msq", True),
-                       aifs=d.get("aifs", False),
+                       aifs=d.get("aifs", False), sink_scale=d.get("sink_scale", False),
                        gptq=GPTQConfig(**d["gptq"]), rotation=RotationConfig(**d["rotation"]), rms=RMSConfig(**d["rms"]),
                        nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
 

@@ -37,6 +37,7 @@ SETTINGS = [
     ("W4A8 RTN, dynamic per-token", QUANT[:4] + "--visual_w_rtn --llm_w_rtn".split()),
     ("W4A8 static, one scale", ROT + QUANT + "--visual_static --llm_static --no_msq".split()),
     ("W4A8 MQuant (static, MSQ + AIFS + RMS)", ROT + QUANT + "--visual_static --llm_static --aifs --visual_split --llm_split".split()),
+    ("W4A8 MQuant + sink scale", ROT + QUANT + "--visual_static --llm_static --aifs --visual_split --llm_split --sink_scale".split()),
 ]
 
 

@@ -69,7 +69,7 @@ def install(language_model: nn.Module, state: ModalityState) -> None:
                 pos = torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1)
             kwargs["position_ids"] = _gather_seq(pos, perm, pos.dim() - 1)
             kwargs["attention_mask"] = permuted_causal_mask(perm, pad)
-            state.set_index(torch.gather(state.mask, 1, perm))
+            state.set_index(torch.gather(state.groups, 1, perm))
             return args, kwargs
         if state.perm is not None and mask2d is not None:  # decode: cached keys are in permuted order
             n = state.perm.shape[1]

@@ -100,6 +100,7 @@ class QuantConfig:
     connector: bool = False      # --quant_cross_attention: the connector, with the visual settings
     msq: bool = True             # --msq / --no_msq: separate static scales for text and visual LLM rows
     aifs: bool = False           # --aifs: visual tokens first at prefill (attention-invariant)
+    sink_scale: bool = False     # --sink_scale: one more static LLM scale set, for each sequence's first token
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     rms: RMSConfig = field(default_factory=RMSConfig)

@@ -26,7 +26,7 @@ from . import rotation_utils as ru
 from .config import PartConfig, QuantConfig
 from . import aifs
 from .gptq import GPTQ
-from .modality import TEXT, VISUAL, ModalityState, install_tracking  # noqa: F401  (TEXT/VISUAL re-exported)
+from .modality import TEXT, VISUAL, ModalityState, install_tracking, row_groups  # noqa: F401  (TEXT/VISUAL re-exported)
 from .offload import Offloader
 from .quant_utils import ActQuantizer, PatchConvLinear, QuantLinear, RowGroupContext, WeightQuantizer
 from .spec import get, set_module
@@ -136,8 +136,8 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
                     continue
                 ql = lin if isinstance(lin, QuantLinear) else QuantLinear(lin)
                 ql.weight_quantizer = _weight_quantizer(part)
-                msq = seg.part == "llm" and cfg.msq
-                ql.input_quantizer = _act_quantizer(part, context, row_groups=2 if msq else 1)
+                groups = row_groups(cfg.msq, cfg.sink_scale) if seg.part == "llm" else 1
+                ql.input_quantizer = _act_quantizer(part, context, row_groups=groups)
                 ql.part = seg.part
                 if ql is not lin:
                     set_module(model, path, ql)
@@ -348,12 +348,14 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
         with Stage(report, "wrap"):
             wrapped = wrap_linears(model, adapter.segments(model), cfg, context)
             log.info("wrapped %d linear layers", len(wrapped))
-    msq = any(q.input_quantizer is not None and q.input_quantizer.num_row_groups > 1 for q in wrapped.values())
-    if msq or cfg.aifs:
-        state = ModalityState(context)
+    grouped = any(q.input_quantizer is not None and q.input_quantizer.num_row_groups > 1 for q in wrapped.values())
+    if grouped or cfg.aifs:
+        state = ModalityState(context, msq=cfg.msq, sink=cfg.sink_scale and grouped)
         install_tracking(loaded, adapter, state)
-        if msq:
+        if grouped and cfg.msq:
             log.info("MSQ: LLM activations keep separate static scales for text and visual tokens")
+        if state.sink:
+            log.info("sink scale: the first token of each sequence keeps its own static LLM scales")
         if cfg.aifs:
             llm = next(s for s in stacks if s.name == "llm")
             aifs.install(get(model, llm.root), state)

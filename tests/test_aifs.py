@@ -98,19 +98,21 @@ def test_greedy_generation_with_kv_cache_gives_the_same_tokens(pair):
         assert torch.equal(g_base, g_sw)
 
 
-def test_msq_with_aifs_equals_msq_without(tmp_path):
+@pytest.mark.parametrize("sink", [False, True])
+def test_msq_with_aifs_equals_msq_without(tmp_path, sink):
     from tests import main
 
     flags = ["--model_path", "tiny", "--rotate", "--rotate_llm", "--rotate_visual_clip", "--quant", "--quant_llm",
              "--quant_visual_clip", "--llm_static", "--visual_static", "--llm_w_rtn", "--visual_w_rtn",
-             "--nsamples", "4", "--calib_num", "8"]
+             "--nsamples", "4", "--calib_num", "8"] + (["--sink_scale"] if sink else [])
+    groups = 3 if sink else 2
     plain = main("qwen2vl", flags + ["--output_dir", str(tmp_path / "a")])
     switched = main("qwen2vl", flags + ["--aifs", "--output_dir", str(tmp_path / "b")])
     ad, lp, ls = plain["adapter"], plain["loaded"], switched["loaded"]
-    qs_plain = [m for m in lp.model.modules() if getattr(m, "num_row_groups", 1) == 2]
-    qs_sw = [m for m in ls.model.modules() if getattr(m, "num_row_groups", 1) == 2]
+    qs_plain = [m for m in lp.model.modules() if getattr(m, "num_row_groups", 1) == groups]
+    qs_sw = [m for m in ls.model.modules() if getattr(m, "num_row_groups", 1) == groups]
     assert len(qs_plain) == len(qs_sw) == 14  # 7 linears x 2 LLM layers
-    for a, b in zip(qs_plain, qs_sw):  # the same calibrated scales, visual and text
+    for a, b in zip(qs_plain, qs_sw):  # the same calibrated scales, visual and text (and sink)
         assert torch.allclose(a.scale, b.scale, rtol=1e-5)
     inp = ad.build_inputs(lp, Sample(images(1, seed=9), "What is it?"), DEVICE)
     assert torch.allclose(logits(ls, inp), logits(lp, inp), atol=1e-4, rtol=0)
