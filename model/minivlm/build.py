@@ -48,7 +48,11 @@ def build(cache: str | None = None, projector: str | None = PROJECTOR_FILE, seed
     vit = Dinov2Model.from_pretrained(paths["vit"])
     lm = AutoModelForCausalLM.from_pretrained(paths["lm"])
     image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    lm.resize_token_embeddings(len(processor.tokenizer))
+    old_rows = lm.get_input_embeddings().weight.shape[0]
+    lm.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    with torch.no_grad():  # the image token's row (only its tied output logit is ever used): deterministic
+        emb = lm.get_input_embeddings().weight
+        emb[old_rows:] = emb[:old_rows].mean(0)
     cfg = LlavaConfig(vision_config=vit.config, text_config=lm.config, image_token_id=image_token_id,
                       vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
                       tie_word_embeddings=lm.config.tie_word_embeddings)

@@ -5,7 +5,7 @@ seeds): reading, colour / shape / count / position questions and yes/no question
 The loss is the LM's cross-entropy on the answer tokens. The tower's features are computed once per image.
 Checkpoints go to the cache every few minutes, so an interrupted run resumes.
 
-    python -m model.minivlm.train [--minutes 45] [--batch 16] [--lr 1e-3]
+    python -m model.minivlm.train [--minutes 45] [--batch 16] [--lr 1e-3] [--mix 1,1,1] [--init FILE] [--seed 0]
 
 Writes ``model/minivlm/projector.safetensors`` and ``model/minivlm/train_log.json``.
 """
@@ -31,16 +31,19 @@ TRAIN_SEED_BASE = 100_000  # far from synthbench.EVAL_SEED / CALIB_SEED
 LOG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_log.json")
 
 
-def training_samples(n: int, seed: int) -> list[dict]:
-    """``n`` (image, question, answer) triples, a third of each kind, from training-only seeds."""
-    per = n // 3 + 1
+def training_samples(n: int, seed: int, mix: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[dict]:
+    """``n`` (image, question, answer) triples from training-only seeds; ``mix`` weighs reading, VQA and
+    yes/no questions (equal thirds by default)."""
+    total = sum(mix)
+    n_ocr, n_vqa = round(n * mix[0] / total), round(n * mix[1] / total)
+    n_yn = n - n_ocr - n_vqa
     base = TRAIN_SEED_BASE + seed
     out = []
-    for r in synthbench.ocr_rows(per, base):
+    for r in synthbench.ocr_rows(n_ocr, base):
         out.append({"image": r["image"], "question": r["question"] + VQA_SUFFIX, "answer": r["answer"][0]})
-    for r in synthbench.vqa_rows(per, base + 1):
+    for r in synthbench.vqa_rows(n_vqa, base + 1):
         out.append({"image": r["image"], "question": r["question"] + VQA_SUFFIX, "answer": r["answer"][0]})
-    for r in synthbench.yn_rows(per // 2 + 1, base + 2):
+    for r in synthbench.yn_rows(n_yn // 2 + 1, base + 2):
         out.append({"image": r["image"], "question": r["question"], "answer": r["answer"]})
     random.Random(seed).shuffle(out)
     return out[:n]
@@ -99,9 +102,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=PROJECTOR_FILE)
+    ap.add_argument("--init", default=None, help="start from this projector (safetensors) instead of a fresh one")
+    ap.add_argument("--mix", default="1,1,1", help="weights of reading, VQA and yes/no scenes in the training set")
     args = ap.parse_args(argv)
+    mix = tuple(float(v) for v in args.mix.split(","))
+    if len(mix) != 3 or min(mix) < 0 or sum(mix) <= 0:
+        raise SystemExit(f"--mix {args.mix!r}: give three non-negative weights, e.g. 2,1,2")
+    previous = None
+    if args.init is not None:
+        if not os.path.isfile(args.init):
+            raise SystemExit(f"--init {args.init}: no such file")
+        prev_log = os.path.join(os.path.dirname(os.path.abspath(args.init)), "train_log.json")
+        if os.path.isfile(prev_log):
+            with open(prev_log) as f:
+                previous = json.load(f)
     torch.manual_seed(args.seed)
-    model, processor = build(args.cache, projector=None, seed=args.seed)
+    model, processor = build(args.cache, projector=args.init, seed=args.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
@@ -110,14 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     image_token_id = model.config.image_token_id
 
     t0 = time.perf_counter()
-    samples = training_samples(args.samples, args.seed)
+    samples = training_samples(args.samples, args.seed, mix)
     encoded = [encode(processor, s) for s in samples]
     feats = tower_features(model, processor, [s["image"] for s in samples])
     prep = time.perf_counter() - t0
     print(f"{len(samples)} training scenes; tower features {tuple(feats.shape)} in {prep:.0f}s", flush=True)
 
     opt = torch.optim.AdamW(proj.parameters(), lr=args.lr, weight_decay=0.0)
-    ckpt = os.path.join(args.cache, f"projector_ckpt_seed{args.seed}.pt")
+    ckpt = os.path.join(args.cache, f"projector_ckpt_seed{args.seed}{'_init' if args.init else ''}.pt")
     step, history = 0, []
     if os.path.isfile(ckpt):
         state = torch.load(ckpt)
@@ -152,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     save_file({k: v.detach().contiguous() for k, v in proj.state_dict().items()}, args.out)
     summary = {"steps": step, "batch": args.batch, "lr": args.lr, "seed": args.seed, "training_scenes": len(samples),
                "train_seed_base": TRAIN_SEED_BASE, "minutes": args.minutes, "first_loss": history[0]["loss"] if history else None,
-               "final_loss": history[-1]["loss"] if history else None, "loss_every_10_steps": [h["loss"] for h in history]}
+               "final_loss": history[-1]["loss"] if history else None, "loss_every_10_steps": [h["loss"] for h in history],
+               "mix_reading_vqa_yn": list(mix), "init": None if args.init is None else os.path.basename(args.init),
+               "previous_phase": previous}
     with open(LOG_FILE, "w") as f:
         json.dump(summary, f, indent=1)
     if os.path.isfile(ckpt):
