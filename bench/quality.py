@@ -157,6 +157,8 @@ VLM_SETTINGS = [
     ("W8A8 MQuant + sink scale", _ROT + _Q + _GPTQ + _W8 + _STATIC + ["--aifs", "--sink_scale"]),
     ("W4A8 static, one scale + sink scale", _ROT + _Q + _GPTQ + _STATIC + ["--no_msq", "--sink_scale"]),
     ("W4A8 MQuant + sink scale", _ROT + _Q + _GPTQ + _STATIC + ["--aifs", "--sink_scale"] + _RMS),
+    ("W4A8 MQuant + sink scale, W4 in groups of 64", _ROT + _Q + _GPTQ + _STATIC + ["--aifs", "--sink_scale"] + _RMS
+     + ["--w_groupsize", "64"]),
 ]
 
 

@@ -103,12 +103,17 @@ def _act_quantizer(part: PartConfig, context: RowGroupContext | None, row_groups
                         default_row_group=TEXT)
 
 
-def _weight_quantizer(part: PartConfig) -> WeightQuantizer | None:
+def _weight_quantizer(part: PartConfig, in_features: int | None = None) -> WeightQuantizer | None:
+    """The part's weight quantizer for a layer with ``in_features`` inputs. A group size that does not
+    divide them (a patch embedding's 3*14*14 = 588, an RMS branch's single column) falls back to per
+    channel for that layer; :func:`wrap_linears` reports which layers did."""
     w = part.weight
     if not w.enabled:
         return None
-    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=w.group_size if w.group_size > 0 else None,
-                           mse=w.clip)
+    gs = w.group_size if w.group_size > 0 else None
+    if gs is not None and in_features is not None and in_features % gs:
+        gs = None
+    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=gs, mse=w.clip)
 
 
 def linears_in(model: nn.Module, path: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -125,6 +130,7 @@ def linears_in(model: nn.Module, path: str, skip: tuple[str, ...]) -> dict[str, 
 def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroupContext | None) -> dict[str, QuantLinear]:
     """Replace every linear of each quantized part by a QuantLinear with that part's quantizers."""
     wrapped: dict[str, QuantLinear] = {}
+    per_channel: list[str] = []
     for seg in segments:
         part = cfg.part(seg.part)
         if part is None:
@@ -135,13 +141,18 @@ def wrap_linears(model: nn.Module, segments, cfg: QuantConfig, context: RowGroup
                 if getattr(lin, "keep_fp", False):  # an RMS branch kept in floating point
                     continue
                 ql = lin if isinstance(lin, QuantLinear) else QuantLinear(lin)
-                ql.weight_quantizer = _weight_quantizer(part)
+                ql.weight_quantizer = _weight_quantizer(part, ql.in_features)
+                if part.weight.enabled and part.weight.group_size > 0 and ql.weight_quantizer.group_size is None:
+                    per_channel.append(f"{path} ({ql.in_features} inputs)")
                 groups = row_groups(cfg.msq, cfg.sink_scale) if seg.part == "llm" else 1
                 ql.input_quantizer = _act_quantizer(part, context, row_groups=groups)
                 ql.part = seg.part
                 if ql is not lin:
                     set_module(model, path, ql)
                 wrapped[path] = ql
+    if per_channel:
+        log.warning("weight group size does not divide the inputs of %d layer(s); quantized per output channel "
+                    "instead: %s", len(per_channel), ", ".join(per_channel[:8]) + (" ..." if len(per_channel) > 8 else ""))
     return wrapped
 
 

@@ -156,3 +156,13 @@ def test_offload_gives_the_same_model_and_streams_blocks(tmp_path, fp_reference)
     assert offloader.moves >= 4  # every block visited the device at least once (pinned for GPTQ)
     assert torch.equal(logits(plain["loaded"].model, batches), logits(off["loaded"].model, batches))
     assert all(p.device.type == "cpu" for b in offloader.blocks.values() for p in b.parameters())
+
+
+def test_group_size_falls_back_to_per_channel_where_it_does_not_divide(tmp_path, caplog):
+    out = run(tmp_path, "--w_groupsize", "16", "--visual_w_rtn", "--llm_w_rtn")
+    qls = {n: m for n, m in out["loaded"].model.named_modules() if isinstance(m, QuantLinear)}
+    patch = qls["model.visual.patch_embed.proj.linear"]
+    assert patch.in_features == 1176 and patch.weight_quantizer.group_size is None  # 1176 = 3*2*14*14, not /16
+    grouped = [q for q in qls.values() if q.in_features % 16 == 0]
+    assert len(grouped) == len(qls) - 1 and all(q.weight_quantizer.group_size == 16 for q in grouped)
+    assert "quantized per output channel instead: model.visual.patch_embed.proj.linear" in caplog.text
