@@ -136,9 +136,10 @@ def part_lm(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # part 2: MiniVLM on SynthBench
 # ---------------------------------------------------------------------------------------------
-_ROT = ["--rotate", "--rotate_visual_clip", "--rotate_llm", "--online_visual_hadamard", "--online_llm_hadamard"]
-_Q = ["--quant", "--quant_visual_clip", "--quant_cross_attention", "--quant_llm"]
-_GPTQ = ["--act_order", "--visual_w_clip", "--llm_w_clip"]
+from exam.demo_minivlm import QUANT, ROT, slug  # noqa: E402  (the demo's flag sets: one definition)
+
+_ROT = ROT
+_Q, _GPTQ = QUANT[:4], QUANT[4:]  # which parts are quantized / GPTQ with act-order and MSE clip
 _RTN = ["--visual_w_rtn", "--llm_w_rtn"]
 _W8 = ["--visual_w_bits", "8", "--llm_w_bits", "8"]
 _STATIC = ["--visual_static", "--llm_static"]
@@ -216,8 +217,7 @@ def part_vlm(args) -> None:
         if ref is None:
             ref = lp
         kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(ref, lp)) / sum(len(p) for p in ref)
-        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug),
+        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
                                {"setting": name, "flags": flags, "eval_num": args.eval_num}, 6)
         mean = sum(row.values()) / len(row)
         table[name] = {**row, "mean": mean, "kl": kl, "seconds": time.perf_counter() - t0}

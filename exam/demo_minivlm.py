@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         t0 = time.perf_counter()
         loaded = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
-        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, _slug(name)),
+        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
                                {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
         summary[name], timing[name] = row, time.perf_counter() - t0
         print(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in synthbench.SUBSETS) + f" | {timing[name]:.0f} |",
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 

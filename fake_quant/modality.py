@@ -34,8 +34,8 @@ def group_index(mask: torch.Tensor, msq: bool = True, sink: bool = False,
     if sink:
         valid = torch.ones_like(mask) if attention_mask is None else attention_mask.bool()
         first = valid.long().argmax(dim=1)  # the first valid position of each row
-        rows = torch.arange(mask.shape[0], device=mask.device)
-        index[rows[valid.any(dim=1)], first[valid.any(dim=1)]] = row_groups(msq, sink) - 1
+        rows = valid.any(dim=1).nonzero().flatten()  # rows with any valid token
+        index[rows, first[rows]] = row_groups(msq, sink) - 1
     return index
 
 
