@@ -242,8 +242,13 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     static_rows = calib_rows[: args.calib_num] if (cfg.visual.act.static or cfg.llm.act.static) else []
     with pipeline.Stage(report, "inputs"):
         def batches(rs):
-            return [adapter.build_inputs(loaded, Sample([image(r)], r["question"], r.get("answer"), r["index"]), device)
-                    for r in rs]
+            # calibration rows are asked like the scored rows: the dataset's prompt and image settings
+            def sample(r):
+                if args.dataset_name is None:
+                    return Sample([image(r)], r["question"], r.get("answer"), r["index"])
+                return Sample([image(r)], adapter.prompt(args.dataset_name, r), r.get("answer"), r["index"],
+                              meta={"dataset": args.dataset_name})
+            return [adapter.build_inputs(loaded, sample(r), device) for r in rs]
         gptq_batches, static_batches = batches(gptq_rows), batches(static_rows)
 
     meta = {"adapter": adapter.name, "model_path": args.model_path, "config": cfg.to_dict()}

@@ -170,14 +170,18 @@ def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader], cent
     weight, bias = _norm_params(norm)
     for r in readers:
         lin = _linear(model, r.path)
+        # a norm over one stream vector read by a reader of ``chunks`` concatenated ones repeats its
+        # scale per chunk; a norm over the whole concatenation (InternVL's mlp1.0) does not
+        width = (weight if weight is not None else bias).numel() if (weight is not None or bias is not None) else 0
+        reps = lin.in_features // width if width else 1
         if bias is not None and bool(torch.any(bias != 0)):
-            beta = bias.detach().double().repeat(r.chunks).to(lin.weight.device)
+            beta = bias.detach().double().repeat(reps).to(lin.weight.device)
             shift = torch.cat([lin.weight.data[i:i + ROW_CHUNK].double() @ beta
                                for i in range(0, lin.out_features, ROW_CHUNK)])
             b = _ensure_bias(lin)
             _write(b, b.double() + shift)
         if weight is not None:
-            gamma = weight.detach().double().repeat(r.chunks).to(lin.weight.device)
+            gamma = weight.detach().double().repeat(reps).to(lin.weight.device)
             _rowwise_(lin.weight, lambda x, sl: x * gamma[None, :])
     hidden = int((weight.numel() if weight is not None else None) or getattr(norm, "normalized_shape", [None])[0])
     u = torch.full((hidden,), 1.0 / math.sqrt(hidden), dtype=torch.float64) if center else None
@@ -192,12 +196,18 @@ def _norm_paths(model: nn.Module, stack: StackSpec) -> list[str]:
 
 def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
     b = stack.block
-    center = stack.norm_kind == "layernorm" and stack.keep_mean
+    # a LayerNorm on a stream whose mean was not baked out (keep_mean, or an RMSNorm stack whose final
+    # norm is a LayerNorm, like InternViT-6B's read by InternVL's mlp1) removes the mean itself
+    baked = stack.norm_kind == "layernorm" and not stack.keep_mean
+
+    def fuse(path: str, readers: list[Reader]) -> None:
+        fuse_norm_into(model, path, readers, center=not baked and isinstance(get(model, path), nn.LayerNorm))
+
     for bp in stack.block_paths(model):
-        fuse_norm_into(model, join(bp, b.attn_norm), [Reader(join(bp, p)) for p in b.attn.inputs], center)
-        fuse_norm_into(model, join(bp, b.mlp_norm), [Reader(join(bp, p)) for p in b.mlp_in], center)
+        fuse(join(bp, b.attn_norm), [Reader(join(bp, p)) for p in b.attn.inputs])
+        fuse(join(bp, b.mlp_norm), [Reader(join(bp, p)) for p in b.mlp_in])
     if stack.final_norm is not None:
-        fuse_norm_into(model, stack.final_norm, list(stack.readers), center)
+        fuse(stack.final_norm, list(stack.readers))
 
 
 def make_rotation_ready(model: nn.Module, stack: StackSpec) -> None:
@@ -275,7 +285,10 @@ def rotate_stack(model: nn.Module, stack: StackSpec, Q: torch.Tensor) -> None:
     for path in _norm_paths(model, stack):  # a centering direction turns with the stream
         norm = get(model, path)
         if isinstance(norm, RMSNorm) and norm.center is not None:
-            norm.center = (norm.center.double() @ Q.to(norm.center.device)).float()
+            # a norm over several concatenated stream vectors (a final norm read by a chunked reader)
+            # turns chunk by chunk
+            c = norm.center.double().reshape(-1, Q.shape[0])
+            norm.center = (c @ Q.to(c.device)).reshape(-1).float()
 
 
 def rotate_ov(model: nn.Module, stack: StackSpec) -> None:
@@ -284,17 +297,17 @@ def rotate_ov(model: nn.Module, stack: StackSpec) -> None:
     a = stack.block.attn
     hd = a.head_dim
     for bp in stack.block_paths(model):
-        v_path, start = a.v_rows()
+        v_path, rows = a.v_rows()
         v = _linear(model, join(bp, v_path))
-        rows = slice(start, start + a.num_kv_heads * hd)
-        Wv = v.weight.double()[rows].reshape(a.num_kv_heads, hd, -1)
+        rows = rows.to(v.weight.device)
+        Wv = v.weight.double()[rows]                                     # [kv heads, head_dim, in]
         Wv = hu.hadamard_transform(Wv.transpose(1, 2)).transpose(1, 2)   # H~ W_vh per head
         W = v.weight.double().clone()
-        W[rows] = Wv.reshape(-1, W.shape[1])
+        W[rows.reshape(-1)] = Wv.reshape(-1, W.shape[1])
         _write(v.weight, W)
         if v.bias is not None:
             bvec = v.bias.double().clone()
-            bvec[rows] = hu.hadamard_transform(bvec[rows].reshape(a.num_kv_heads, hd)).reshape(-1)
+            bvec[rows.reshape(-1)] = hu.hadamard_transform(bvec[rows]).reshape(-1)
             _write(v.bias, bvec)
         o = _linear(model, join(bp, a.o))
         Wo = o.weight.double().reshape(o.weight.shape[0], a.num_heads, hd)

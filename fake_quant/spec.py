@@ -42,22 +42,34 @@ class AttentionSpec:
     q: str | None = None                   # separate projections ...
     k: str | None = None
     v: str | None = None
-    qkv: str | None = None                 # ... or one packed [q; k; v] projection
+    qkv: str | None = None                 # ... or one packed projection, its rows laid out as
+    # "blocked": [all q heads; all k heads; all v heads] (ViTs, Qwen), or
+    # "grouped": per KV head, [its G = num_heads / num_kv_heads q heads; k; v] (InternLM2's wqkv)
+    qkv_layout: str = "blocked"
 
     def __post_init__(self) -> None:
         separate = self.q and self.k and self.v
         if bool(separate) == bool(self.qkv):
             raise ValueError("AttentionSpec needs either q, k and v, or qkv")
+        if self.qkv_layout not in ("blocked", "grouped"):
+            raise ValueError(f"qkv_layout must be 'blocked' or 'grouped', got {self.qkv_layout!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} attention heads cannot share {self.num_kv_heads} KV heads evenly")
 
     @property
     def inputs(self) -> tuple[str, ...]:
         return (self.qkv,) if self.qkv else (self.q, self.k, self.v)
 
-    def v_rows(self) -> tuple[str, int]:
-        """(path of the layer producing V, first row of V in its weight)."""
-        if self.qkv:
-            return self.qkv, (self.num_heads + self.num_kv_heads) * self.head_dim
-        return self.v, 0
+    def v_rows(self) -> tuple[str, torch.Tensor]:
+        """(path of the layer producing V, the rows of V in its weight as a long ``[num_kv_heads, head_dim]``)."""
+        hd, kv = self.head_dim, self.num_kv_heads
+        if not self.qkv:
+            return self.v, torch.arange(kv * hd).reshape(kv, hd)
+        if self.qkv_layout == "blocked":
+            return self.qkv, (self.num_heads + kv) * hd + torch.arange(kv * hd).reshape(kv, hd)
+        per_group = self.num_heads // kv + 2  # q heads of the group, then its k, then its v
+        starts = (torch.arange(kv) * per_group + per_group - 1) * hd
+        return self.qkv, starts[:, None] + torch.arange(hd)[None, :]
 
 
 @dataclass(frozen=True)

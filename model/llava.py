@@ -45,12 +45,12 @@ def dinov2_stack(model: nn.Module, tower: str, readers: tuple[Reader, ...], fina
     )
 
 
-def decoder_stack(model: nn.Module, llm: str, extra_writers: tuple[Writer, ...]) -> StackSpec:
-    """A Llama-layout decoder (q/k/v/o, gate/up/down, input/post-attention RMSNorm, final norm, lm_head)."""
+def decoder_stack(model: nn.Module, llm: str, extra_writers: tuple[Writer, ...], head: str = "lm_head") -> StackSpec:
+    """A Llama-layout decoder (q/k/v/o, gate/up/down, input/post-attention RMSNorm, final norm) read by ``head``."""
     cfg = get(model, llm).config
     heads, kv, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    emb, head = join(llm, "embed_tokens"), "lm_head"
+    emb = join(llm, "embed_tokens")
     return StackSpec(
         name="llm", hidden_size=hidden, blocks=join(llm, "layers"),
         block=BlockSpec(

@@ -44,3 +44,4 @@ def for_checkpoint(model_path: str, family: str) -> ModelAdapter:
 
 def _load_builtin() -> None:
     from . import causal_lm, llava, qwen2vl  # noqa: F401  (registering the families)
+    from .internvl2 import adapter  # noqa: F401

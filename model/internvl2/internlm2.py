@@ -1,0 +1,203 @@
+"""InternLM2 / InternLM2.5 (the language model of InternVL2-2B, -8B and -26B), without remote code.
+
+Parameter names match the original ``language_model.*`` keys: ``model.tok_embeddings``,
+``model.layers.N.{attention_norm, attention.wqkv, attention.wo, ffn_norm, feed_forward.{w1, w3, w2}}``,
+``model.norm`` and ``output``. ``wqkv`` packs grouped-query attention per KV head: its rows are
+``num_key_value_heads`` groups of [G query heads; one key head; one value head] (G = heads / KV heads),
+so query head ``j`` reads KV head ``j // G``.
+
+The decoder follows the same calling convention as transformers' decoders, which is what the
+quantization pipeline relies on: ``inputs_embeds``, ``position_ids``, a 2-D padding mask or a 4-D bool
+mask (True = may attend), a :class:`transformers.DynamicCache`, and an output with ``last_hidden_state``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .config import InternLM2Config
+
+
+class InternLM2RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on halves (``rotate_half``), with the config's ``rope_scaling``: ``linear`` divides positions by
+    the factor; ``dynamic`` (NTK) raises the base once a sequence outgrows ``max_position_embeddings``
+    (below that it is plain RoPE, which is where InternVL2's prompts live)."""
+
+    def __init__(self, cfg: InternLM2Config) -> None:
+        super().__init__()
+        self.dim, self.base = cfg.head_dim, float(cfg.rope_theta)
+        if self.dim % 2:
+            raise ValueError(f"llm_config: head dim {self.dim} is odd; RoPE rotates halves of an even head dim")
+        self.max_pos = cfg.max_position_embeddings
+        scaling = cfg.rope_scaling or {}
+        self.kind = scaling.get("type") or scaling.get("rope_type")
+        self.factor = float(scaling.get("factor", 1.0))
+        if self.kind not in (None, "default", "linear", "dynamic"):
+            raise ValueError(f"llm_config.rope_scaling type {self.kind!r} is not supported (linear, dynamic)")
+
+    def _inv_freq(self, seq_len: int, device) -> torch.Tensor:
+        base = self.base
+        if self.kind == "dynamic" and seq_len > self.max_pos:
+            base = base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float64) / self.dim))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids.double()
+        if self.kind == "linear":
+            pos = pos / self.factor
+        inv = self._inv_freq(int(position_ids.max()) + 1, position_ids.device)
+        freqs = pos[..., None] * inv                       # [b, s, dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x``: [b, heads, s, d]; cos / sin: [b, s, d]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class InternLM2Attention(nn.Module):
+    def __init__(self, cfg: InternLM2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"llm_config: {self.num_heads} heads cannot share {self.num_kv_heads} KV heads")
+        self.groups = self.num_heads // self.num_kv_heads
+        self.wqkv = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.bias)
+
+    def forward(self, hidden_states, attention_mask, position_embeddings, past_key_values=None):
+        b, s, _ = hidden_states.shape
+        qkv = self.wqkv(hidden_states).reshape(b, s, self.num_kv_heads, self.groups + 2, self.head_dim)
+        q = qkv[..., :self.groups, :].reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = qkv[..., -2, :].transpose(1, 2)
+        v = qkv[..., -1, :].transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        k = k.repeat_interleave(self.groups, dim=1)
+        v = v.repeat_interleave(self.groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class InternLM2MLP(nn.Module):
+    def __init__(self, cfg: InternLM2Config) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"llm_config.hidden_act {cfg.hidden_act!r} is not supported (silu)")
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)   # gate
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)   # up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)   # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class InternLM2DecoderLayer(nn.Module):
+    def __init__(self, cfg: InternLM2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = InternLM2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = InternLM2Attention(cfg, layer_idx)
+        self.ffn_norm = InternLM2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = InternLM2MLP(cfg)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **unused):
+        x = hidden_states
+        x = x + self.attention(self.attention_norm(x), attention_mask, position_embeddings, past_key_values)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def attention_mask_4d(mask: torch.Tensor | None, batch: int, q_len: int, past: int, device) -> torch.Tensor:
+    """Bool ``[b, 1, q, past + q]`` (True = may attend) from a 2-D padding mask over all keys (1 = real
+    token) or None: causal, padding keys hidden. Every query may attend its own key, so the rows of
+    padding tokens stay finite. A 4-D bool mask is returned as given."""
+    if mask is not None and mask.dim() == 4:
+        if mask.dtype != torch.bool:
+            raise ValueError("a 4-D attention_mask must be bool (True = may attend)")
+        return mask
+    total = past + q_len
+    qpos = torch.arange(past, total, device=device)[:, None]
+    kpos = torch.arange(total, device=device)[None, :]
+    allowed = (kpos <= qpos)[None, None].expand(batch, 1, q_len, total)
+    if mask is not None:
+        if mask.shape != (batch, total):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, total)} "
+                             "(batch, cached + new tokens)")
+        allowed = allowed & mask.bool()[:, None, None, :]
+    return allowed | (kpos == qpos)[None, None]
+
+
+class InternLM2Model(nn.Module):
+    def __init__(self, cfg: InternLM2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(InternLM2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = InternLM2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                past_key_values=None, use_cache: bool = False, output_hidden_states: bool = False, **unused):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if not use_cache:
+            past_key_values = None  # a cache is filled only when asked for
+        b, s, _ = x.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
+        mask = attention_mask_4d(attention_mask, b, s, past, x.device)
+        rope = self.rotary(position_ids, x.dtype)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_embeddings=rope, past_key_values=past_key_values)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        # the cache object is the caller's (it is filled in place); outputs do not carry it
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class InternLM2ForCausalLM(nn.Module):
+    def __init__(self, cfg: InternLM2Config) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = InternLM2Model(cfg)
+        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.tok_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
+
+    def forward(self, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(**kwargs)
+        return CausalLMOutputWithPast(logits=self.output(out.last_hidden_state))
+
