@@ -77,7 +77,9 @@ def write_sentencepiece(folder: str) -> int:
         f.write(_CORPUS * 4)
     spm.SentencePieceTrainer.train(input=corpus, model_prefix=os.path.join(folder, "tokenizer"), vocab_size=SP_VOCAB,
                                    model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-                                   pad_id=-1, byte_fallback=True, minloglevel=2, num_threads=1)
+                                   pad_id=-1, byte_fallback=True, minloglevel=2, num_threads=1,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=False, allow_whitespace_only_pieces=True)
     os.remove(corpus)
     os.remove(os.path.join(folder, "tokenizer.vocab"))
     decoder = {str(SP_VOCAB + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
