@@ -24,15 +24,18 @@ log = logging.getLogger("mquant")
 BUILTIN_ROWS = 256  # size of the built-in calibration set (evaluation.builtin)
 
 
-def build_parser(family: str) -> argparse.ArgumentParser:
+def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"quant_{family}.py",
+        prog=prog or f"quant_{family}.py",
         description="Rotate and quantize a multimodal LLM (MQuant: static W4A8), then evaluate it.",
     )
     g = p.add_argument_group("model and run")
+    from model import registry
+
+    builtin = ", ".join(repr(n) for n in registry.get(family).builtin_models)
     g.add_argument("--model_path", required=True,
-                   help="local checkpoint folder (config.json + safetensors), 'tiny' for the built-in tiny random model, "
-                        "or (LLaVA) 'minivlm' for the built-in real-weights MiniVLM")
+                   help=f"local checkpoint folder (config.json + safetensors), or a built-in model: {builtin} "
+                        "('tiny*': tiny random models; 'minivlm': the real-weights MiniVLM)")
     g.add_argument("--data_root", default=os.environ.get("LMUData", os.path.expanduser("~/LMUData")),
                    help="folder with the VLMEvalKit-format dataset TSVs (default: $LMUData or ~/LMUData)")
     g.add_argument("--output_dir", default="outputs", help="where results.json is written")
@@ -189,14 +192,14 @@ def peak_memory() -> dict:
     return out
 
 
-def main(family: str, argv: list[str] | None = None) -> dict:
+def main(family: str, argv: list[str] | None = None, prog: str | None = None) -> dict:
     from evaluation import datasets
     from evaluation.builtin import builtin_rows
     from evaluation.eval import evaluate
     from model import registry
     from model.base import Sample
 
-    parser = build_parser(family)
+    parser = build_parser(family, prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     torch.set_grad_enabled(False)
@@ -307,7 +310,7 @@ def main(family: str, argv: list[str] | None = None) -> dict:
     results = {
         "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device, "dtype": str(dtype).replace("torch.", "")},
         "config": cfg.to_dict(),
-        "command": " ".join(sys.argv if argv is None else [f"quant_{family}.py", *argv]),
+        "command": " ".join(sys.argv if argv is None else [prog or f"quant_{family}.py", *argv]),
         "calibration": {**calib_info, "gptq_rows": [r["index"] for r in gptq_rows],
                         "static_rows": [r["index"] for r in static_rows]},
         "demo": demo,

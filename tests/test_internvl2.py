@@ -392,3 +392,17 @@ def test_w4a8_mquant_flag_set_end_to_end_on_fixtures(folders, tmp_path, kind):
     e_gptq = float((logits(model, bs) - ref).norm() / ref.norm())
     e_rtn = float((logits(rtn["loaded"].model, bs) - ref).norm() / ref.norm())
     assert e_gptq < 0.3 and e_gptq < 0.8 * e_rtn
+
+
+def test_internvit_6b_layout_rotates_exactly(tmp_path):
+    """InternViT-6B's layout (RMSNorm blocks, qk normalization; InternVL2-26B) with mlp1's LayerNorm: the stream
+    keeps its mean, so the fused mlp1.0 centers itself and rotation stays exact."""
+    folder = write_checkpoint(str(tmp_path / "v6"), shards=1, vision={"norm_type": "rms_norm", "qk_normalization": True})
+    ad = registry.get("internvl2")
+    base = loaded(folder)
+    assert hasattr(base.model.vision_model.encoder.layers[0].attn, "q_norm")
+    bs = batches(ad, base, n=2)
+    ref = logits(base.model, bs)
+    rot, _ = _rotated(ad, base)
+    assert rel(logits(rot.model, bs), ref) <= 1e-4
+    assert rot.model.mlp1[0].center is not None and rot.model.vision_model.encoder.layers[0].norm1.center is None
