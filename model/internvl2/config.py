@@ -21,16 +21,19 @@ def _pick(cls, d: dict, **defaults):
 
 @dataclass
 class VisionConfig:
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_attention_heads: int = 16
-    num_hidden_layers: int = 24
+    """Fields of ``vision_config``; a field the file leaves out takes the original config class's default
+    (those describe InternViT-6B; InternViT-300M checkpoints spell every field out)."""
+
+    hidden_size: int = 3200
+    intermediate_size: int = 12800
+    num_attention_heads: int = 25
+    num_hidden_layers: int = 48
     num_channels: int = 3
     patch_size: int = 14
-    image_size: int = 448
-    qkv_bias: bool = True
-    qk_normalization: bool = False
-    norm_type: str = "layer_norm"   # or "rms_norm" (InternViT-6B)
+    image_size: int = 224
+    qkv_bias: bool = False
+    qk_normalization: bool = True
+    norm_type: str = "rms_norm"     # or "layer_norm" (InternViT-300M)
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu"
 
@@ -41,22 +44,28 @@ class VisionConfig:
 
 @dataclass
 class InternLM2Config:
+    """Fields of an InternLM2 ``llm_config``, with the original config class's defaults for absent ones."""
+
     hidden_size: int = 4096
-    intermediate_size: int = 14336
+    intermediate_size: int = 11008
     num_attention_heads: int = 32
-    num_key_value_heads: int = 8
+    num_key_value_heads: int | None = None   # None: one KV head per attention head
     num_hidden_layers: int = 32
-    vocab_size: int = 92553
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 1e6
+    vocab_size: int = 103168
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    max_position_embeddings: int = 32768
+    max_position_embeddings: int = 2048
     hidden_act: str = "silu"
-    bias: bool = False
+    bias: bool = True
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-    pad_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
@@ -68,15 +77,16 @@ class InternVLConfig:
     vision: VisionConfig
     llm_kind: str                          # "internlm2" or "qwen2"
     llm: dict                              # llm_config as written in config.json
+    # defaults of the original InternVLChatConfig (InternVL2 checkpoints set all of these)
     downsample_ratio: float = 0.5
-    ps_version: str = "v2"
+    ps_version: str = "v1"
     select_layer: int = -1
     force_image_size: int | None = None
-    dynamic_image_size: bool = True
-    use_thumbnail: bool = True
+    dynamic_image_size: bool = False
+    use_thumbnail: bool = False
     min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 12
-    template: str = "internlm2-chat"
+    max_dynamic_patch: int = 6
+    template: str | None = None
     raw: dict = field(default_factory=dict)
 
     @property

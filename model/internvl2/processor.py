@@ -35,7 +35,7 @@ class Template:
 
 CHATML = Template(system="<|im_start|>system\n{system}<|im_end|>", user="<|im_start|>user\n{query}<|im_end|>",
                   assistant="<|im_start|>assistant\n", stop=("<|im_end|>",))
-TEMPLATES = {"internlm2-chat": CHATML, "Hermes-2": CHATML, "internvl2_5": CHATML}
+TEMPLATES = {"internlm2-chat": CHATML, "Hermes-2": CHATML}
 
 
 def template(name: str) -> Template:
