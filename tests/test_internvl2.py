@@ -257,6 +257,16 @@ def test_sentencepiece_tokenizer_keeps_added_tokens_whole(folders):
     assert tok.decode(ids) == "user\nred circle"
 
 
+def test_qwen2_tokenizer_from_vocab_and_merges(folders):
+    ld = loaded(folders["qwen2"])
+    tok, model = ld.processor.tokenizer, ld.model
+    assert not os.path.exists(os.path.join(folders["qwen2"], "tokenizer.json"))
+    ids = tok.encode("<|im_start|>user\nred circle<|im_end|><img><IMG_CONTEXT></img>")
+    assert ids[-2] == model.img_context_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    assert tok.decode(ids) == "user\nred circle"
+    assert model.generation_eos == (tok.convert_tokens_to_ids("<|im_end|>"),)
+
+
 def test_dataset_prompts_and_tiles_follow_vlmevalkit():
     ad = registry.get("internvl2")
     row = {"question": "what is written?"}
@@ -448,3 +458,17 @@ def test_msq_scales_and_logits_equal_with_and_without_aifs(folders, tmp_path):
     for r in (lp, ls):
         pipeline.set_act_quantizers(r.model, False)
     assert torch.allclose(logits(ls.model, bs), logits(lp.model, bs), atol=1e-5, rtol=0)
+
+
+def test_select_layer_keeps_only_the_layers_read(tmp_path, caplog):
+    folder = write_checkpoint(str(tmp_path / "sel"), shards=1)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    cfg["select_layer"] = -2  # the output of the second-to-last ViT layer
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    full = loaded(write_checkpoint(str(tmp_path / "full"), shards=1))
+    model, _ = load(folder)
+    assert len(model.vision_model.encoder.layers) == 1 and "not used" not in caplog.text
+    pix = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        first = full.model.vision_model.encoder.layers[0](full.model.vision_model.embeddings(pix.to(DEVICE)))
+        assert torch.allclose(model.vision_model(pix), first.cpu(), atol=1e-6)

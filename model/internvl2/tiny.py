@@ -3,8 +3,8 @@
 :func:`write_checkpoint` produces what a user's InternVL2 folder holds -- ``config.json`` with
 ``InternVLChatModel``, ``vision_config`` and ``llm_config``; safetensors shards with the original
 tensor names (plus ``model.safetensors.index.json`` when sharded); a tokenizer (SentencePiece
-``tokenizer.model`` + ``tokenizer_config.json`` for InternLM2, transformers' ``tokenizer.json`` for
-Qwen2) with the chat and image tokens -- so loading goes through exactly the code real checkpoints use.
+``tokenizer.model`` + ``tokenizer_config.json`` for InternLM2, ``vocab.json`` + ``merges.txt`` +
+``tokenizer_config.json`` for Qwen2) with the chat and image tokens -- so loading goes through exactly the code real checkpoints use.
 Widths keep non-power-of-two Hadamard factors (ViT 48 = 12 * 4, LLM 80 = 20 * 4, head dims 24 / 20).
 """
 from __future__ import annotations
@@ -92,8 +92,8 @@ def write_sentencepiece(folder: str) -> int:
 
 
 def write_qwen2_tokenizer(folder: str) -> int:
-    """A byte-level BPE ``tokenizer.json`` loaded by transformers' Qwen2 tokenizer, with the added tokens
-    and ``<|endoftext|>`` last; returns the vocabulary size."""
+    """A byte-level BPE (``vocab.json`` + ``merges.txt``) for transformers' Qwen2 tokenizer, the chat and image
+    tokens and ``<|endoftext|>`` after it in ``tokenizer_config.json``; returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -102,14 +102,16 @@ def write_qwen2_tokenizer(folder: str) -> int:
     trainer = trainers.BpeTrainer(vocab_size=SP_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
+    tok.model.save(folder)
     base = tok.get_vocab_size()
-    tok.add_special_tokens(ADDED_TOKENS + ["<|endoftext|>"])
-    tok.save(os.path.join(folder, "tokenizer.json"))
+    added = [*ADDED_TOKENS, "<|endoftext|>"]
+    decoder = {str(base + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                               "single_word": False} for i, t in enumerate(added)}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                   "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False,
-                   "model_max_length": 4096}, f, indent=1)
-    return base + len(ADDED_TOKENS) + 1
+        json.dump({"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": decoder, "eos_token": "<|im_end|>",
+                   "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
+                   "clean_up_tokenization_spaces": False, "model_max_length": 4096}, f, indent=1)
+    return base + len(added)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
