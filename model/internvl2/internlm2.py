@@ -56,10 +56,10 @@ class RotaryEmbedding(nn.Module):
         base = self.base
         if self.kind == "dynamic" and seq_len > self.max_pos:
             base = base * ((self.factor * seq_len / self.max_pos) - (self.factor - 1)) ** (self.dim / (self.dim - 2))
-        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float64) / self.dim))
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = position_ids.double()
+        pos = position_ids.float()  # angles in float32, as the original tables
         if self.kind == "linear":
             pos = pos / self.factor
         inv = self._inv_freq(int(position_ids.max()) + 1, position_ids.device)
