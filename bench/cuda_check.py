@@ -1,6 +1,7 @@
 """The paper's W4A8 pipeline in every dtype a GPU run uses, against the FP32 model on the CPU.
 
-    python bench/cuda_check.py [--device cuda] [--dtypes float32,bfloat16,float16] [--families qwen2vl,qwen2_5vl,llava]
+    python bench/cuda_check.py [--device cuda] [--dtypes float32,bfloat16,float16]
+                                [--families qwen2vl,qwen2_5vl,llava,internvl2]
 
 For each tiny random model family and each dtype it runs the exam entry point (rotation, online
 Hadamard, GPTQ W4 with act-order, static A8 with MSQ; then once more with AIFS and RMS) on
@@ -52,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
-    ap.add_argument("--families", default="qwen2vl,qwen2_5vl,llava")
+    ap.add_argument("--families", default="qwen2vl,qwen2_5vl,llava,internvl2")
     args = ap.parse_args()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"{name}, torch {torch.__version__}; relative logit error ||y - y_fp32_cpu|| / ||y_fp32_cpu|| "
