@@ -21,18 +21,7 @@ from transformers.modeling_outputs import (
 )
 
 from .config import InternLM2Config
-
-
-class InternLM2RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(x.dtype)
+from .norms import InternRMSNorm as InternLM2RMSNorm
 
 
 class RotaryEmbedding(nn.Module):

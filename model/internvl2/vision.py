@@ -12,18 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-
-
-class InternRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+from .norms import InternRMSNorm
 
 
 def make_norm(cfg: VisionConfig, width: int) -> nn.Module:
