@@ -472,3 +472,20 @@ def test_select_layer_keeps_only_the_layers_read(tmp_path, caplog):
     with torch.no_grad():
         first = full.model.vision_model.encoder.layers[0](full.model.vision_model.embeddings(pix.to(DEVICE)))
         assert torch.allclose(model.vision_model(pix), first.cpu(), atol=1e-6)
+
+
+def test_sentencepiece_tokenizer_follows_the_configs_strip_flags_and_cleans_up(tmp_path):
+    from model.internvl2.tokenizer import SentencePieceTokenizer
+
+    folder = write_checkpoint(str(tmp_path / "tok"), shards=1)
+    cfg_file = os.path.join(folder, "tokenizer_config.json")
+    cfg = json.load(open(cfg_file))
+    plain = SentencePieceTokenizer(folder)
+    im_start = str(plain.convert_tokens_to_ids("<|im_start|>"))
+    cfg["added_tokens_decoder"][im_start].update(rstrip=True, lstrip=True)
+    json.dump(cfg, open(cfg_file, "w"))
+    strip = SentencePieceTokenizer(folder)
+    text = "red  <|im_start|>  blue"
+    assert strip.encode(text) == plain.encode("red<|im_start|>blue") != plain.encode(text)
+    # transformers' clean-up of the original decoder: no space before punctuation or in contractions
+    assert plain.decode(plain.encode("it 's red , is n't it ?")) == "it's red, isn't it?"

@@ -29,11 +29,17 @@ class SentencePieceTokenizer:
         cfg = json.load(open(cfg_file)) if os.path.isfile(cfg_file) else {}
         self.added: dict[str, int] = {}
         self.special: set[int] = set()
+        self.lstrip: set[str] = set()   # added tokens that swallow the whitespace before / after them
+        self.rstrip: set[str] = set()
         for tid, tok in (cfg.get("added_tokens_decoder") or {}).items():
             content = tok["content"] if isinstance(tok, dict) else str(tok)
             self.added[content] = int(tid)
             if not isinstance(tok, dict) or tok.get("special", True):
                 self.special.add(int(tid))
+            if isinstance(tok, dict) and tok.get("lstrip"):
+                self.lstrip.add(content)
+            if isinstance(tok, dict) and tok.get("rstrip"):
+                self.rstrip.add(content)
         self.add_bos = bool(cfg.get("add_bos_token", True))
         self.add_eos = bool(cfg.get("add_eos_token", False))
         self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
@@ -56,10 +62,15 @@ class SentencePieceTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [self.bos_token_id] if add_special_tokens and self.add_bos else []
         pieces = self._split.split(text) if self._split else [text]
-        for piece in pieces:
+        for i, piece in enumerate(pieces):  # added tokens sit at odd positions
+            if i % 2 == 0 and piece:
+                if i > 0 and pieces[i - 1] in self.rstrip:
+                    piece = piece.lstrip()
+                if i + 1 < len(pieces) and pieces[i + 1] in self.lstrip:
+                    piece = piece.rstrip()
             if not piece:
                 continue
-            if piece in self.added:
+            if i % 2:
                 ids.append(self.added[piece])
             else:
                 ids += self.sp.encode(piece)
@@ -84,7 +95,19 @@ class SentencePieceTokenizer:
             elif i < self.sp.get_piece_size():
                 run.append(i)
         flush()
-        return "".join(out)
+        return clean_up_spaces("".join(out))
+
+
+# the original tokenizer's decoding always ends with transformers' clean-up of spaces before punctuation and
+# English contractions
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_spaces(text: str) -> str:
+    for a, b in _CLEAN_UP:
+        text = text.replace(a, b)
+    return text
 
 
 class HFTokenizer:
