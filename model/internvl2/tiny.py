@@ -181,7 +181,14 @@ def builtin_folder(llm: str = "internlm2") -> str:
     src = open(__file__, "rb").read() + open(os.path.join(os.path.dirname(__file__), "modeling.py"), "rb").read()
     folder = os.path.join(root, f"tiny-internvl2-{llm}-{hashlib.sha256(src).hexdigest()[:10]}")
     if not os.path.isfile(os.path.join(folder, "config.json")):
+        import shutil
+
         tmp = folder + f".tmp{os.getpid()}"
         write_checkpoint(tmp, llm=llm)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process wrote it first
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
