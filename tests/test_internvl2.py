@@ -489,3 +489,25 @@ def test_sentencepiece_tokenizer_follows_the_configs_strip_flags_and_cleans_up(t
     assert strip.encode(text) == plain.encode("red<|im_start|>blue") != plain.encode(text)
     # transformers' clean-up of the original decoder: no space before punctuation or in contractions
     assert plain.decode(plain.encode("it 's red , is n't it ?")) == "it's red, isn't it?"
+
+
+def test_real_checkpoint_check_script_runs_our_side_and_compares(folders, tmp_path):
+    """scripts/check_internvl_fp.py: the 'ours' and 'compare' steps (the 'reference' step needs the remote code)."""
+    import subprocess
+    import sys
+
+    img = tmp_path / "img.png"
+    Image.new("RGB", (120, 60), (30, 90, 200)).save(img)
+    script = os.path.join(os.path.dirname(FIX), "..", "scripts", "check_internvl_fp.py")
+    work = tmp_path / "work"
+    run = subprocess.run([sys.executable, script, "ours", "--model_path", folders["internlm2"], "--image", str(img),
+                          "--work", str(work), "--device", "cpu", "--dtype", "float32", "--max_new_tokens", "3"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours = torch.load(work / "ours.pt")
+    prompt = json.load(open(work / "prompt.json"))["text"]
+    assert prompt.count("<IMG_CONTEXT>") == int((ours["input_ids"] == 320 + ADDED_TOKENS.index("<IMG_CONTEXT>")).sum())
+    for scale, expect in ((1.0, 0), (-1.0, 1)):  # an identical reference matches, a negated one does not
+        torch.save({"input_ids": ours["input_ids"], "logits": ours["logits"] * scale}, work / "reference.pt")
+        cmp = subprocess.run([sys.executable, script, "compare", "--work", str(work)], capture_output=True, text=True)
+        assert cmp.returncode == expect and ("MATCH" if expect == 0 else "MISMATCH") in cmp.stdout
