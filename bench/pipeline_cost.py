@@ -53,16 +53,8 @@ def internvl2_model(llm_layers: int, vision_layers: int, vocab: int, device: str
                              num_key_value_heads=kv, num_hidden_layers=llm_layers, max_position_embeddings=32768),
         "internlm2-chat", max_dynamic_patch=12)
     cfg = InternVLConfig.from_dict(raw)
-    torch.manual_seed(0)
     model = build(cfg, device, getattr(torch, dtype))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "mlp1.0.weight", ".ls1", ".ls2")):
-                p.fill_(1.0)
-            elif p.dim() > 1:
-                p.normal_(0, p.shape[-1] ** -0.5)
-            else:
-                p.normal_(0, 0.02)
+    ivt.randomize(model, 0)
     processor = InternVLProcessor(SentencePieceTokenizer(folder), cfg)
     model.img_context_token_id = processor.context_id
     return model.eval(), processor

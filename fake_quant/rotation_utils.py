@@ -172,8 +172,8 @@ def fuse_norm_into(model: nn.Module, norm_path: str, readers: list[Reader], cent
         lin = _linear(model, r.path)
         # a norm over one stream vector read by a reader of ``chunks`` concatenated ones repeats its
         # scale per chunk; a norm over the whole concatenation (InternVL's mlp1.0) does not
-        width = (weight if weight is not None else bias).numel() if (weight is not None or bias is not None) else 0
-        reps = lin.in_features // width if width else 1
+        param = weight if weight is not None else bias
+        reps = lin.in_features // param.numel() if param is not None else 1
         if bias is not None and bool(torch.any(bias != 0)):
             beta = bias.detach().double().repeat(reps).to(lin.weight.device)
             shift = torch.cat([lin.weight.data[i:i + ROW_CHUNK].double() @ beta

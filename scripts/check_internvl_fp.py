@@ -33,8 +33,7 @@ def ours(a) -> None:
     model, proc = load(a.model_path, a.device, dtype, max_num=a.max_num)
     image = Image.open(a.image).convert("RGB")
     inputs = proc(a.question, [image])
-    text = proc.prompt(a.question if "<image>" in a.question else "<image>\n" + a.question,
-                       [inputs["pixel_values"].shape[0]])
+    text = proc.prompt(a.question, [inputs["pixel_values"].shape[0]])  # the text those ids encode
     with torch.no_grad():
         logits = model(**{k: v.to(a.device) for k, v in inputs.items()}).logits.float().cpu()
         answer = model.generate(**{k: v.to(a.device) for k, v in inputs.items()}, max_new_tokens=a.max_new_tokens)

@@ -7,8 +7,7 @@ for InternVL2-1B (InternVL2-4B's Phi-3 is not supported). Field names are the or
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 LLM_ARCHS = {"InternLM2ForCausalLM": "internlm2", "Qwen2ForCausalLM": "qwen2"}
 
@@ -87,7 +86,6 @@ class InternVLConfig:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 6
     template: str | None = None
-    raw: dict = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:
@@ -125,7 +123,7 @@ class InternVLConfig:
         vision = _pick(VisionConfig, d["vision_config"])
         if vision.norm_type not in ("layer_norm", "rms_norm"):
             raise ValueError(f"{where}: vision_config.norm_type {vision.norm_type!r} is not 'layer_norm' or 'rms_norm'")
-        cfg = _pick(cls, d, vision=vision, llm_kind=kinds[0], llm=llm, raw=d)
+        cfg = _pick(cls, d, vision=vision, llm_kind=kinds[0], llm=llm)
         if cfg.ps_version not in ("v1", "v2"):
             raise ValueError(f"{where}: ps_version {cfg.ps_version!r} is not 'v1' or 'v2'")
         side = cfg.image_size // vision.patch_size
@@ -134,5 +132,3 @@ class InternVLConfig:
                              f"{cfg.downsample_ratio} does not give a whole token grid")
         return cfg
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.raw

@@ -8,6 +8,8 @@ placeholders of the prompt.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -34,6 +36,12 @@ def connector(in_width: int, out_width: int) -> nn.Sequential:
     """``mlp1``: LayerNorm(in) -> Linear(in, out) -> GELU -> Linear(out, out)."""
     return nn.Sequential(nn.LayerNorm(in_width), nn.Linear(in_width, out_width), nn.GELU(),
                          nn.Linear(out_width, out_width))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(decoder_class: type) -> str:
+    """The decoder's name for the KV cache (transformers 5.24 renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def vision_layers_used(cfg: InternVLConfig) -> int:
@@ -67,27 +75,12 @@ class InternVLChatModel(nn.Module):
             language_model = InternLM2ForCausalLM(cfg.internlm2())
         self.language_model = language_model
         self.img_context_token_id: int | None = None  # set from the tokenizer when loading
+        self.generation_eos: tuple[int, ...] = ()      # the chat template's stop tokens, set when loading
 
     # -- paths the adapter describes ------------------------------------------------------------
     @property
     def decoder(self) -> nn.Module:
         return self.language_model.model
-
-    @property
-    def head_path(self) -> str:
-        return "language_model.output" if self.config.llm_kind == "internlm2" else "language_model.lm_head"
-
-    @property
-    def embed_path(self) -> str:
-        return ("language_model.model.tok_embeddings" if self.config.llm_kind == "internlm2"
-                else "language_model.model.embed_tokens")
-
-    @property
-    def _cache_arg(self) -> str:
-        """The decoder's name for the KV cache (transformers 5.24 renamed ``past_key_values`` to ``cache``)."""
-        import inspect
-
-        return "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
 
     # -- forward --------------------------------------------------------------------------------
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -112,7 +105,7 @@ class InternVLChatModel(nn.Module):
                 raise ValueError(f"{int(slots.sum())} <IMG_CONTEXT> tokens in the prompt for {vit.shape[0]} tiles of "
                                  f"{vit.shape[1]} tokens: build inputs with the InternVL processor")
             embeds = embeds.masked_scatter(slots[..., None], vit.to(embeds.dtype))
-        cache = {self._cache_arg: past_key_values} if past_key_values is not None else {}
+        cache = {_cache_kwarg(type(self.decoder)): past_key_values} if past_key_values is not None else {}
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=use_cache, **cache)
         head = self.language_model.get_output_embeddings()
@@ -149,5 +142,3 @@ class InternVLChatModel(nn.Module):
             out = self(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True)
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
-
-    generation_eos: tuple[int, ...] = ()  # set from the chat template's stop tokens when loading

@@ -114,7 +114,7 @@ def write_qwen2_tokenizer(folder: str) -> int:
     return base + len(added)
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int) -> None:
     """Random weights everywhere, norms and LayerScales away from 1 / 0 (fresh values would hide fusion mistakes)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -157,7 +157,7 @@ def write_checkpoint(folder: str, llm: str = "internlm2", seed: int = 0, shards:
     cfg = InternVLConfig.from_dict(raw)
     torch.manual_seed(seed)
     model = build(cfg, "cpu", torch.float32)
-    _perturb(model, seed)
+    randomize(model, seed)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k not in drop}
     for k, shape in (reshape or {}).items():
         state[k] = torch.zeros(shape)

@@ -48,9 +48,6 @@ class SentencePieceTokenizer:
         names = sorted(self.added, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
 
-    def __len__(self) -> int:
-        return max(self.sp.get_piece_size(), max(self.added.values(), default=-1) + 1)
-
     def convert_tokens_to_ids(self, token: str) -> int:
         if token in self.added:
             return self.added[token]
@@ -121,9 +118,6 @@ class HFTokenizer:
         cls = getattr(transformers, name.removesuffix("Fast"), None) or transformers.AutoTokenizer
         self.tok = cls.from_pretrained(folder)
         self.eos_token_id = self.tok.eos_token_id
-
-    def __len__(self) -> int:
-        return len(self.tok)
 
     def convert_tokens_to_ids(self, token: str) -> int:
         tid = self.tok.convert_tokens_to_ids(token)
