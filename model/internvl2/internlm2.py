@@ -20,8 +20,9 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
 )
 
+from ..layers import CastBackRMSNorm as InternLM2RMSNorm
+from ..layers import apply_rope, attention_mask_4d, rope_tables
 from .config import InternLM2Config
-from .norms import InternRMSNorm as InternLM2RMSNorm
 
 
 class RotaryEmbedding(nn.Module):
@@ -48,23 +49,10 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = position_ids.float()  # angles in float32, as the original tables
-        if self.kind == "linear":
-            pos = pos / self.factor
         inv = self._inv_freq(int(position_ids.max()) + 1, position_ids.device)
-        freqs = pos[..., None] * inv                       # [b, s, dim/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x``: [b, heads, s, d]; cos / sin: [b, s, d]."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+        if self.kind == "linear":
+            inv = inv / self.factor
+        return rope_tables(position_ids, inv, dtype)
 
 
 class InternLM2Attention(nn.Module):
@@ -119,26 +107,6 @@ class InternLM2DecoderLayer(nn.Module):
         x = hidden_states
         x = x + self.attention(self.attention_norm(x), attention_mask, position_embeddings, past_key_values)
         return x + self.feed_forward(self.ffn_norm(x))
-
-
-def attention_mask_4d(mask: torch.Tensor | None, batch: int, q_len: int, past: int, device) -> torch.Tensor:
-    """Bool ``[b, 1, q, past + q]`` (True = may attend) from a 2-D padding mask over all keys (1 = real
-    token) or None: causal, padding keys hidden. Every query may attend its own key, so the rows of
-    padding tokens stay finite. A 4-D bool mask is returned as given."""
-    if mask is not None and mask.dim() == 4:
-        if mask.dtype != torch.bool:
-            raise ValueError("a 4-D attention_mask must be bool (True = may attend)")
-        return mask
-    total = past + q_len
-    qpos = torch.arange(past, total, device=device)[:, None]
-    kpos = torch.arange(total, device=device)[None, :]
-    allowed = (kpos <= qpos)[None, None].expand(batch, 1, q_len, total)
-    if mask is not None:
-        if mask.shape != (batch, total):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, total)} "
-                             "(batch, cached + new tokens)")
-        allowed = allowed & mask.bool()[:, None, None, :]
-    return allowed | (kpos == qpos)[None, None]
 
 
 class InternLM2Model(nn.Module):

@@ -6,8 +6,6 @@ needed and skipped; other unknown tensors are reported and ignored.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 
@@ -15,39 +13,13 @@ import torch
 from torch import nn
 
 from ..base import read_config
+from ..weights import copy_tensor, default_dtype, iter_tensors, report_missing, shard_files
 from .config import InternVLConfig
 from .modeling import InternVLChatModel, qwen2_language_model
 from .processor import InternVLProcessor
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("mquant")
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def shard_files(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-        if missing:
-            raise FileNotFoundError(f"{folder}: model.safetensors.index.json lists shards that are not there: "
-                                    f"{', '.join(missing)}; download them or remove the index")
-        return [os.path.join(folder, f) for f in files]
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} has no *.safetensors weights: give the folder of an InternVL2 "
-                                "checkpoint in safetensors format")
-    return [os.path.join(folder, f) for f in files]
 
 
 def build(cfg: InternVLConfig, device: str, dtype: torch.dtype) -> InternVLChatModel:
@@ -65,40 +37,26 @@ def build(cfg: InternVLConfig, device: str, dtype: torch.dtype) -> InternVLChatM
 
 
 def load_weights(model: InternVLChatModel, folder: str) -> None:
-    from safetensors import safe_open
-
     expected = model.state_dict(keep_vars=True)
     used_layers = len(model.vision_model.encoder.layers)
     loaded, unexpected = set(), []
-    for path in shard_files(folder):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                if key not in expected:
-                    parts = key.split(".")
-                    if key.startswith("vision_model.encoder.layers.") and int(parts[3]) >= used_layers:
-                        continue  # after select_layer: never used
-                    unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                target = expected[key]
-                if tuple(t.shape) != tuple(target.shape):
-                    raise ValueError(f"{os.path.basename(path)}: tensor {key} has shape {tuple(t.shape)}, the config "
-                                     f"needs {tuple(target.shape)}: config.json and the weights disagree")
-                with torch.no_grad():
-                    target.copy_(t)
-                loaded.add(key)
-    missing = [k for k in expected if k not in loaded]
+    for path in shard_files(folder, "InternVL2"):
+        for key, read in iter_tensors(path):
+            if key not in expected:
+                parts = key.split(".")
+                if key.startswith("vision_model.encoder.layers.") and int(parts[3]) >= used_layers:
+                    continue  # after select_layer: never used
+                unexpected.append(key)
+                continue
+            copy_tensor(expected[key], read(), key, os.path.basename(path))
+            loaded.add(key)
     head = "language_model.lm_head.weight"
-    if head in missing and model.config.llm_kind == "qwen2":  # tied output layer: only the embedding is stored
+    if head not in loaded and head in expected and model.config.llm_kind == "qwen2":
+        # tied output layer: only the embedding is stored
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-        missing.remove(head)
+        loaded.add(head)
         log.info("%s: no %s in the checkpoint; the output layer shares the input embedding", folder, head)
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                         f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    if unexpected:
-        log.warning("%s: %d tensor(s) in the checkpoint are not used: %s", folder, len(unexpected),
-                    ", ".join(unexpected[:6]) + (" ..." if len(unexpected) > 6 else ""))
+    report_missing(folder, expected, loaded, unexpected)
 
 
 def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..layers import greedy_generate
 from .config import InternVLConfig
 from .internlm2 import InternLM2ForCausalLM
 from .vision import InternVisionModel
@@ -111,34 +112,11 @@ class InternVLChatModel(nn.Module):
         head = self.language_model.get_output_embeddings()
         return CausalLMOutputWithPast(logits=head(out.last_hidden_state))
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
                  do_sample: bool = False, eos_token_id=None, pad_token_id: int | None = None, **unused) -> torch.Tensor:
-        """Greedy decoding with a KV cache; returns the prompt followed by the new tokens (like
-        transformers' ``generate``). Rows of a batch that finished are padded with ``pad_token_id``."""
-        from transformers import DynamicCache
-
+        """Greedy decoding with a KV cache (:func:`model.layers.greedy_generate`)."""
         if do_sample:
             raise ValueError("InternVLChatModel.generate decodes greedily; do_sample=True is not supported")
         eos = eos_token_id if eos_token_id is not None else self.generation_eos
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = int(pad_token_id if pad_token_id is not None else eos[0])
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, position_ids=pos,
-                   past_key_values=cache, use_cache=True)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new = []
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            new.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True)
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+        return greedy_generate(self, input_ids, (eos,) if isinstance(eos, int) else tuple(eos), attention_mask,
+                               max_new_tokens, pad_token_id, pixel_values=pixel_values)

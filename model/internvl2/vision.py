@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .norms import InternRMSNorm
+from ..layers import CastBackRMSNorm as InternRMSNorm
 
 
 def make_norm(cfg: VisionConfig, width: int) -> nn.Module:
