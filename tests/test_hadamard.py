@@ -7,9 +7,9 @@ import torch
 from fake_quant import hadamard_utils as hu
 from fake_quant.galois import irreducible_poly, prime_power, quadratic_character
 
-WIDTHS = [384, 576, 1152, 1280, 1536, 1664, 1792, 3420, 3584, 4096, 5120, 8192, 8960, 11008,
-          14336, 15360, 18944, 29568]
-EXPECTED_K = {18944: 148, 11008: 344, 29568: 924, 3420: 3420, 4096: 1, 8960: 140}
+WIDTHS = [384, 576, 1152, 1280, 1536, 1664, 1792, 3420, 3584, 4096, 4304, 5120, 8192, 8960, 11008,
+          13696, 14336, 15360, 18944, 29568]
+EXPECTED_K = {18944: 148, 11008: 344, 29568: 924, 3420: 3420, 4096: 1, 8960: 140, 13696: 428, 4304: 1076}
 
 
 @pytest.mark.parametrize("n", WIDTHS)
@@ -18,9 +18,10 @@ def test_every_model_width_is_exact_and_normalized(n):
     assert k * p == n and p & (p - 1) == 0
     if n in EXPECTED_K:
         assert k == EXPECTED_K[n]
-    # the K-block: an exact integer Hadamard matrix, normalized
-    hk = torch.from_numpy(hu._build(k).astype(np.int64))
-    assert torch.equal(hk @ hk.t(), k * torch.eye(k, dtype=torch.int64))
+    # the K-block: an exact integer Hadamard matrix, normalized (float64 products of +-1 entries are
+    # exact integers, and far faster than int64 ones)
+    hk = torch.from_numpy(hu._build(k).astype(np.float64))
+    assert torch.equal(hk @ hk.t(), k * torch.eye(k, dtype=torch.float64))
     assert torch.all(hk[0] == 1) and torch.all(hk[:, 0] == 1)
     # rows of the full matrix: H = H_K (x) H_P, checked through the unnormalized transform in
     # float64 (exact on integers): rows_i(H) @ H.T == n * e_i
@@ -34,7 +35,7 @@ def test_every_model_width_is_exact_and_normalized(n):
     assert torch.equal(gram, expected)
 
 
-@pytest.mark.parametrize("n", [12, 20, 28, 36, 52, 148, 384, 1664, 1792])
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 52, 148, 268, 384, 428, 1076, 1664, 1792])
 def test_full_matrix_identity(n):
     h = hu.hadamard_matrix(n, dtype=torch.float64)
     assert torch.equal(h @ h.t(), n * torch.eye(n, dtype=torch.float64))
@@ -42,7 +43,7 @@ def test_full_matrix_identity(n):
     assert torch.all(h[0] == 1) and torch.all(h[:, 0] == 1)
 
 
-@pytest.mark.parametrize("n", [64, 96, 384, 1280, 3584, 8960, 18944, 29568])
+@pytest.mark.parametrize("n", [64, 96, 384, 1280, 3584, 4304, 8960, 13696, 18944, 29568])
 @pytest.mark.parametrize("lead", [(7,), (2, 3)])
 def test_fast_transform_matches_dense_product(n, lead):
     x = torch.randn(*lead, n)
@@ -85,10 +86,16 @@ def test_random_hadamard_is_orthogonal_and_seeded():
     assert torch.allclose(q.abs(), torch.full_like(q, 1 / math.sqrt(1280)))
 
 
-@pytest.mark.parametrize("n,target", [(13696, 13824), (4304, 4352)])
-def test_unsupported_widths_error_or_fall_back_with_a_warning(n, target):
+# 668 = 4 * 167 is the smallest order with no known Hadamard matrix; 716 * 2^5 = 22912 is a model-
+# sized width that none of the constructions here reaches
+@pytest.mark.parametrize("n,target,below,above", [(668, 672, 664, 672), (22912, 23040, 22908, 22936)])
+def test_unsupported_widths_error_or_fall_back_with_a_warning(n, target, below, above):
     assert not hu.is_constructible(n)
-    with pytest.raises(ValueError, match=f"no exact Hadamard matrix of order {n}.*'pad'"):
+    assert hu.nearest_constructible(n) == (below, above)
+    assert hu.is_constructible(below) and hu.is_constructible(above)
+    assert not any(hu.is_constructible(m) for m in range(below + 1, above))
+    with pytest.raises(ValueError, match=f"no exact Hadamard matrix of order {n}.*"
+                                         f"nearest constructible widths: {below} .* below, {above} .* above.*'pad'"):
         hu.hadamard_matrix(n)
     with pytest.raises(ValueError, match="choose a fallback"):
         hu.hadamard_transform(torch.randn(2, n))
@@ -108,8 +115,8 @@ def test_unsupported_widths_error_or_fall_back_with_a_warning(n, target):
 
 
 def test_orthogonal_fallback_matches_its_dense_matrix():
-    n = 107 * 4  # 428: no construction here
-    with pytest.warns(UserWarning, match="random orthogonal 107x107 block"):
+    n = 668  # 4 * 167: no Hadamard matrix of this order is known
+    with pytest.warns(UserWarning, match="random orthogonal 167x167 block"):
         plan = hu.get_plan(n, "orthogonal", seed=2)
     m = plan.matrix()
     assert torch.allclose(m @ m.t(), n * torch.eye(n, dtype=torch.float64), atol=1e-8)

@@ -89,20 +89,20 @@ def test_online_hadamard_alone_is_invariant_and_folds_h(qwen):
 
 @pytest.mark.parametrize("fallback", ["pad", "orthogonal"])
 def test_online_hadamard_fallbacks_on_an_unsupported_width(fallback):
-    model = tiny.qwen2vl_model(seed=3, text={"intermediate_size": 428})  # 428 = 107 * 4: no construction
+    model = tiny.qwen2vl_model(seed=3, text={"intermediate_size": 668})  # 668 = 4 * 167: no Hadamard matrix known
     inputs = tiny.qwen2vl_inputs()
     ref = logits(model, inputs)
     llm = qwen2vl.stacks(model)[1]
-    with pytest.raises(ValueError, match="no exact Hadamard matrix of order 428"):
+    with pytest.raises(ValueError, match="no exact Hadamard matrix of order 668"):
         ru.add_online_hadamard(copy.deepcopy(model), llm)
     hu.get_plan.cache_clear()
     with pytest.warns(UserWarning, match="Hadamard fallback"):
         wrapped = ru.add_online_hadamard(model, llm, fallback=fallback)
     down = get(model, wrapped[0])
     if fallback == "pad":
-        assert down.in_features == hu.pad_target(428) > 428 and down.bias is None
+        assert down.in_features == hu.pad_target(668) > 668 and down.bias is None
     else:
-        assert down.in_features == 428
+        assert down.in_features == 668
     assert rel_diff(logits(model, inputs), ref) <= 1e-5
 
 
@@ -121,7 +121,7 @@ def test_rotation_matrix_is_orthogonal():
         q = ru.rotation_matrix(80, mode, seed=1)
         assert torch.allclose(q @ q.t(), torch.eye(80, dtype=torch.float64), atol=1e-12)
     with pytest.raises(ValueError, match="padding cannot change the width of a residual stream"):
-        ru.rotation_matrix(428, "hadamard", fallback="pad")
+        ru.rotation_matrix(668, "hadamard", fallback="pad")
 
 
 # ---- a pre-LN ViT with LayerScale (DINOv2) -------------------------------------------------
