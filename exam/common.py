@@ -65,8 +65,9 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--rotate", action="store_true", help="enable rotation (then pick the parts below)")
     g.add_argument("--rotate_visual_clip", action="store_true", help="rotate the vision encoder's residual stream")
     g.add_argument("--rotate_visual_cross_attn", action="store_true",
-                   help="rotate the connector; for connectors without cross-attention (Qwen2-VL's merger) the "
-                        "connector is rotated with the streams it bridges, so this adds nothing")
+                   help="rotate the connector: a per-head V/O Hadamard in a cross-attention connector (Qwen-VL's "
+                        "resampler); a connector without attention (Qwen2-VL's merger) is rotated with the streams "
+                        "it bridges, so this adds nothing there")
     g.add_argument("--rotate_llm", action="store_true", help="rotate the LLM's residual stream")
     g.add_argument("--rotate_mode", default="hadamard", choices=["hadamard", "random"])
     g.add_argument("--online_visual_hadamard", action="store_true", help="online Hadamard before the vision MLP output layer")
@@ -215,9 +216,6 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         adapter = own if args.model_path in own.builtin_models else registry.for_checkpoint(args.model_path, family)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    if args.rotate_visual_cross_attn:
-        log.info("--rotate_visual_cross_attn: the %s connector is rotated together with the streams it bridges",
-                 adapter.name)
     torch.manual_seed(args.seed)
     report = pipeline.PipelineReport()
     with pipeline.Stage(report, "load"):

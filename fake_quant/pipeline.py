@@ -73,7 +73,9 @@ class Stage:
 # ---------------------------------------------------------------------------------------------
 # rotation and wrapping
 # ---------------------------------------------------------------------------------------------
-def rotate_model(model: nn.Module, stacks, cfg: QuantConfig) -> dict:
+def rotate_model(model: nn.Module, stacks, cfg: QuantConfig, sites=()) -> dict:
+    """Rotate the stacks the config names; with ``--rotate_visual_cross_attn`` also give each connector
+    attention in ``sites`` (:class:`~fake_quant.spec.AttentionSite`) its per-head V/O Hadamard."""
     r = cfg.rotation
     options = {}
     rms = dict(split_threshold=cfg.rms.threshold, keep_fp=cfg.rms.keep_fp)
@@ -85,7 +87,17 @@ def rotate_model(model: nn.Module, stacks, cfg: QuantConfig) -> dict:
         options["llm"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed + 1, online_hadamard=r.online_llm_hadamard,
                                             fp32_had=r.fp32_had, fallback=r.hadamard_fallback,
                                             split=cfg.rms.llm, **rms)
-    return ru.rotate(model, stacks, options)
+    report = ru.rotate(model, stacks, options)
+    if r.rotate and r.visual_cross_attn:
+        for site in sites:
+            ru.rotate_ov_at(model, site.path, site.attn)
+        report["connector"] = {"rotate_ov": [site.path for site in sites]}
+        if sites:
+            log.info("connector: per-head V/O Hadamard in %s", ", ".join(site.path for site in sites))
+        else:
+            log.info("--rotate_visual_cross_attn: this connector has no attention; it is rotated together with "
+                     "the streams it bridges")
+    return report
 
 
 def _act_quantizer(part: PartConfig, context: RowGroupContext | None, row_groups: int = 1) -> ActQuantizer | None:
@@ -352,7 +364,7 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
     stacks = adapter.stacks(model)
     if cfg.rotation.rotate:
         with Stage(report, "rotate"), torch.no_grad():
-            report.rotation = rotate_model(model, stacks, cfg)
+            report.rotation = rotate_model(model, stacks, cfg, adapter.attention_sites(model))
     context = RowGroupContext()
     wrapped: dict[str, QuantLinear] = {}
     if cfg.any_quantized:

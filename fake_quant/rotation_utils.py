@@ -4,6 +4,7 @@ Order for one stack (vision encoder or LLM):
 
 1. ``untie``: give a tied head its own weight.
 2. ``fold_layer_scales``: multiply LayerScale vectors into the layers that produce them.
+2b. ``split_norm_writers``: a norm that starts the stream becomes a weightless norm + a linear writer.
 3. ``bake_mean_out`` (LayerNorm stacks only): make every writer produce zero-mean vectors, so the
    residual stream has zero mean and LayerNorm equals RMSNorm.
 4. ``fuse_norms``: move each norm's scale (and LayerNorm's bias) into the linear layers reading it,
@@ -28,7 +29,7 @@ from torch import nn
 from . import hadamard_utils as hu
 from .quant_utils import QuantLinear
 from .rms import SplitQuantLinear, split_report
-from .spec import Reader, StackSpec, Writer, get, join, scale_param, set_module
+from .spec import AttentionSpec, Reader, StackSpec, Writer, get, join, scale_param, set_module
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,30 @@ def fold_layer_scales(model: nn.Module, stack: StackSpec) -> None:
             lam.data.fill_(1.0)
 
 
+def split_norm_writers(model: nn.Module, stack: StackSpec) -> None:
+    """Each ``norm`` writer (a norm whose output starts the stream) becomes a weightless copy of itself
+    followed by a linear ``x * gamma + beta`` at ``<path>.1``, which then writes the stream like any linear."""
+    for w in stack.writers:
+        if w.kind != "norm" or isinstance(get(model, w.path), nn.Sequential):
+            continue
+        norm = get(model, w.path)
+        weight, bias = _norm_params(norm)
+        if weight is None:
+            raise ValueError(f"{w.path}: a norm writer needs an affine weight")
+        d = weight.numel()
+        if isinstance(norm, nn.LayerNorm):
+            plain = nn.LayerNorm(d, eps=norm.eps, elementwise_affine=False)
+        else:
+            plain = RMSNorm(d, _eps(norm))
+        lin = nn.Linear(d, d, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        lin.weight.data = torch.diag(weight.detach().clone())
+        if bias is not None:
+            lin.bias.data = bias.detach().clone()
+        set_module(model, w.path, nn.Sequential(plain, lin))
+
+
 def _writers(model: nn.Module, stack: StackSpec) -> list[Writer]:
-    out = list(stack.writers)
+    out = [Writer(join(w.path, "1")) if w.kind == "norm" else w for w in stack.writers]
     for bp in stack.block_paths(model):
         out += [Writer(join(bp, stack.block.attn.o)), Writer(join(bp, stack.block.mlp_out))]
     return out
@@ -213,6 +236,7 @@ def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
 def make_rotation_ready(model: nn.Module, stack: StackSpec) -> None:
     """Steps 1-4: after this the stack's norms are weightless RMSNorms and it computes the same function."""
     untie(model, stack)
+    split_norm_writers(model, stack)
     fold_layer_scales(model, stack)
     if stack.norm_kind == "layernorm" and not stack.keep_mean:
         bake_mean_out(model, stack)
@@ -292,26 +316,31 @@ def rotate_stack(model: nn.Module, stack: StackSpec, Q: torch.Tensor) -> None:
 
 
 def rotate_ov(model: nn.Module, stack: StackSpec) -> None:
-    """Hadamard per head between V and O (GQA-aware: each KV head's V is rotated once, and every
-    query head's slice of O undoes it)."""
-    a = stack.block.attn
-    hd = a.head_dim
+    """Hadamard per head between V and O in every block of the stack."""
     for bp in stack.block_paths(model):
-        v_path, rows = a.v_rows()
-        v = _linear(model, join(bp, v_path))
-        rows = rows.to(v.weight.device)
-        Wv = v.weight.double()[rows]                                     # [kv heads, head_dim, in]
-        Wv = hu.hadamard_transform(Wv.transpose(1, 2)).transpose(1, 2)   # H~ W_vh per head
-        W = v.weight.double().clone()
-        W[rows.reshape(-1)] = Wv.reshape(-1, W.shape[1])
-        _write(v.weight, W)
-        if v.bias is not None:
-            bvec = v.bias.double().clone()
-            bvec[rows.reshape(-1)] = hu.hadamard_transform(bvec[rows]).reshape(-1)
-            _write(v.bias, bvec)
-        o = _linear(model, join(bp, a.o))
-        Wo = o.weight.double().reshape(o.weight.shape[0], a.num_heads, hd)
-        _write(o.weight, hu.hadamard_transform(Wo).reshape(o.weight.shape))  # W_oh H~^T per head
+        rotate_ov_at(model, bp, stack.block.attn)
+
+
+def rotate_ov_at(model: nn.Module, path: str, a: AttentionSpec) -> None:
+    """Hadamard per head between V and O of the attention described by ``a`` under ``path`` (GQA-aware:
+    each KV head's V is rotated once, and every query head's slice of O undoes it). Exact whatever the
+    attention's inputs are, so it also applies to a connector's cross-attention."""
+    hd = a.head_dim
+    v_path, rows = a.v_rows()
+    v = _linear(model, join(path, v_path))
+    rows = rows.to(v.weight.device)
+    Wv = v.weight.double()[rows]                                     # [kv heads, head_dim, in]
+    Wv = hu.hadamard_transform(Wv.transpose(1, 2)).transpose(1, 2)   # H~ W_vh per head
+    W = v.weight.double().clone()
+    W[rows.reshape(-1)] = Wv.reshape(-1, W.shape[1])
+    _write(v.weight, W)
+    if v.bias is not None:
+        bvec = v.bias.double().clone()
+        bvec[rows.reshape(-1)] = hu.hadamard_transform(bvec[rows]).reshape(-1)
+        _write(v.bias, bvec)
+    o = _linear(model, join(path, a.o))
+    Wo = o.weight.double().reshape(o.weight.shape[0], a.num_heads, hd)
+    _write(o.weight, hu.hadamard_transform(Wo).reshape(o.weight.shape))  # W_oh H~^T per head
 
 
 def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, fallback: str = "error",

@@ -18,7 +18,10 @@ from torch import nn
 class Writer:
     """Something that adds into the residual stream. ``kind``: ``linear`` (an nn.Linear output),
     ``embedding`` (an nn.Embedding table), ``conv`` (a patch-embedding convolution's output
-    channels) or ``param`` (a tensor whose last dimension is the stream: class token, position table)."""
+    channels), ``param`` (a tensor whose last dimension is the stream: class token, position table)
+    or ``norm`` (a LayerNorm whose output *starts* the stream, like CLIP's ``ln_pre``: its affine part
+    cannot absorb a rotation, so it becomes a weightless LayerNorm followed by a linear ``diag(gamma), beta``
+    that writes the stream, at ``<path>.1``)."""
 
     path: str
     kind: str = "linear"
@@ -44,15 +47,18 @@ class AttentionSpec:
     v: str | None = None
     qkv: str | None = None                 # ... or one packed projection, its rows laid out as
     # "blocked": [all q heads; all k heads; all v heads] (ViTs, Qwen), or
-    # "grouped": per KV head, [its G = num_heads / num_kv_heads q heads; k; v] (InternLM2's wqkv)
+    # "grouped": per KV head, [its G = num_heads / num_kv_heads q heads; k; v] (InternLM2's wqkv), or
+    # "interleaved": per head, [q_h; k_h; v_h] (the ViT of Qwen-VL; no GQA)
     qkv_layout: str = "blocked"
 
     def __post_init__(self) -> None:
         separate = self.q and self.k and self.v
         if bool(separate) == bool(self.qkv):
             raise ValueError("AttentionSpec needs either q, k and v, or qkv")
-        if self.qkv_layout not in ("blocked", "grouped"):
-            raise ValueError(f"qkv_layout must be 'blocked' or 'grouped', got {self.qkv_layout!r}")
+        if self.qkv_layout not in ("blocked", "grouped", "interleaved"):
+            raise ValueError(f"qkv_layout must be 'blocked', 'grouped' or 'interleaved', got {self.qkv_layout!r}")
+        if self.qkv_layout == "interleaved" and self.num_kv_heads != self.num_heads:
+            raise ValueError("an interleaved qkv layout has one k and v per head (num_kv_heads == num_heads)")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} attention heads cannot share {self.num_kv_heads} KV heads evenly")
 
@@ -67,9 +73,20 @@ class AttentionSpec:
             return self.v, torch.arange(kv * hd).reshape(kv, hd)
         if self.qkv_layout == "blocked":
             return self.qkv, (self.num_heads + kv) * hd + torch.arange(kv * hd).reshape(kv, hd)
+        if self.qkv_layout == "interleaved":
+            return self.qkv, (torch.arange(kv) * 3 + 2)[:, None] * hd + torch.arange(hd)[None, :]
         per_group = self.num_heads // kv + 2  # q heads of the group, then its k, then its v
         starts = (torch.arange(kv) * per_group + per_group - 1) * hd
         return self.qkv, starts[:, None] + torch.arange(hd)[None, :]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """An attention layer outside the residual stacks, at ``path`` -- a connector's cross-attention (Qwen-VL's
+    resampler): it gets the per-head V/O Hadamard with ``--rotate_visual_cross_attn``."""
+
+    path: str
+    attn: AttentionSpec
 
 
 @dataclass(frozen=True)

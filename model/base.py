@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fake_quant.spec import StackSpec
+from fake_quant.spec import AttentionSite, StackSpec
 
 
 @dataclass
@@ -70,6 +70,10 @@ class ModelAdapter(ABC):
     @abstractmethod
     def segments(self, model: nn.Module) -> list[Segment]:
         """Ordered GPTQ segments: vision blocks, connector, LLM layers."""
+
+    def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
+        """Attention layers outside the stacks (a connector's cross-attention) for the per-head V/O Hadamard."""
+        return []
 
     # -- inputs ---------------------------------------------------------------------------------
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:

@@ -45,3 +45,4 @@ def for_checkpoint(model_path: str, family: str) -> ModelAdapter:
 def _load_builtin() -> None:
     from . import causal_lm, llava, qwen2vl  # noqa: F401  (registering the families)
     from .internvl2 import adapter  # noqa: F401
+    from .qwenvl import adapter as _qwenvl  # noqa: F401

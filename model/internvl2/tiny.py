@@ -9,11 +9,12 @@ Widths keep non-power-of-two Hadamard factors (ViT 48 = 12 * 4, LLM 80 = 20 * 4,
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import torch
+
+from ..tiny_folders import cached_checkpoint, save_shards
 
 ADDED_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>",
                 "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -136,8 +137,6 @@ def write_checkpoint(folder: str, llm: str = "internlm2", seed: int = 0, shards:
                      reshape: dict[str, tuple[int, ...]] | None = None, **overrides) -> str:
     """Write a tiny random InternVL2 checkpoint into ``folder``. ``drop`` / ``reshape`` corrupt named
     tensors (for testing the loader's errors); ``overrides`` go to the top-level config."""
-    from safetensors.torch import save_file
-
     from .config import InternVLConfig
     from .loading import build
 
@@ -161,34 +160,13 @@ def write_checkpoint(folder: str, llm: str = "internlm2", seed: int = 0, shards:
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k not in drop}
     for k, shape in (reshape or {}).items():
         state[k] = torch.zeros(shape)
-    names = sorted(state)
-    per = -(-len(names) // max(1, shards))
-    weight_map = {}
-    for i in range(0, len(names), per):
-        fname = f"model-{i // per + 1:05d}-of-{-(-len(names) // per):05d}.safetensors"
-        save_file({k: state[k] for k in names[i:i + per]}, os.path.join(folder, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in names[i:i + per]})
-    if shards > 1:
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    save_shards(state, folder, shards)
     return folder
 
 
 def builtin_folder(llm: str = "internlm2") -> str:
     """The tiny checkpoint behind ``--model_path tiny`` (``tiny-qwen2`` for the Qwen2 variant), written once
     into the cache (``$MQUANT_CACHE`` or ``~/.cache/mquant``)."""
-    root = os.environ.get("MQUANT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mquant")
-    src = open(__file__, "rb").read() + open(os.path.join(os.path.dirname(__file__), "modeling.py"), "rb").read()
-    folder = os.path.join(root, f"tiny-internvl2-{llm}-{hashlib.sha256(src).hexdigest()[:10]}")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        import shutil
-
-        tmp = folder + f".tmp{os.getpid()}"
-        write_checkpoint(tmp, llm=llm)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process wrote it first
-            if not os.path.isfile(os.path.join(folder, "config.json")):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    here = os.path.dirname(__file__)
+    return cached_checkpoint(f"tiny-internvl2-{llm}", [__file__, os.path.join(here, "modeling.py")],
+                             lambda folder: write_checkpoint(folder, llm=llm))

@@ -1,0 +1,85 @@
+"""Load a Qwen-VL-Chat checkpoint folder (config.json + weight shards + ``qwen.tiktoken``) into our modules.
+
+Tensors are read by their original names from safetensors shards, or from ``pytorch_model*.bin`` shards
+(``torch.load(weights_only=True)``) when that is what the folder holds. Two original tensors change shape on
+the way in (see :mod:`.vision`): the resampler's packed ``in_proj_weight`` / ``in_proj_bias`` are split into
+q / k / v, and ``visual.proj`` ([in, out]) is transposed into a Linear weight. A missing or misshaped tensor
+is an error that names it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..base import read_config
+from ..weights import build_empty, copy_tensor, iter_tensors, report_missing, shard_files
+from .config import QWenConfig
+from .modeling import QWenLMHeadModel
+from .processor import QWenVLProcessor
+from .tokenizer import QWenTokenizer
+
+log = logging.getLogger("mquant")
+
+POOL = "transformer.visual.attn_pool.attn."
+PROJ = "transformer.visual.proj"
+IGNORED = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")  # buffers some exports carry
+
+
+def to_ours(key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Original (key, tensor) -> our (key, tensor) pairs."""
+    if key in (POOL + "in_proj_weight", POOL + "in_proj_bias"):
+        kind = "weight" if key.endswith("weight") else "bias"
+        if t.shape[0] % 3:
+            raise ValueError(f"tensor {key} has {t.shape[0]} rows, not three equal blocks [Wq; Wk; Wv]")
+        return [(f"{POOL}{n}_proj.{kind}", c) for n, c in zip("qkv", t.chunk(3, dim=0))]
+    if key == PROJ:
+        return [(PROJ + ".weight", t.t())]
+    return [(key, t)]
+
+
+def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> the original checkpoint's tensors (for writing checkpoints in the original format)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith(POOL) and k[len(POOL):].split(".")[0] in ("q_proj", "k_proj", "v_proj"):
+            continue
+        out[PROJ if k == PROJ + ".weight" else k] = v.t().contiguous() if k == PROJ + ".weight" else v
+    for kind in ("weight", "bias"):
+        out[f"{POOL}in_proj_{kind}"] = torch.cat([state[f"{POOL}{n}_proj.{kind}"] for n in "qkv"], dim=0)
+    return out
+
+
+def load_weights(model: QWenLMHeadModel, folder: str) -> None:
+    expected = model.state_dict(keep_vars=True)
+    loaded, unexpected = set(), []
+    for path in shard_files(folder, "Qwen-VL", allow_bin=True):
+        for key, read in iter_tensors(path):
+            if key.endswith(IGNORED):
+                continue
+            if key not in expected and not (key.startswith(POOL + "in_proj_") or key == PROJ):
+                unexpected.append(key)
+                continue
+            for ours, t in to_ours(key, read()):
+                copy_tensor(expected[ours], t, key, os.path.basename(path))
+                loaded.add(ours)
+    report_missing(folder, expected, loaded, unexpected)
+
+
+def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[QWenLMHeadModel, QWenVLProcessor]:
+    raw = read_config(folder)
+    cfg = QWenConfig.from_dict(raw, where=os.path.join(folder, "config.json"))
+    tokenizer = QWenTokenizer(folder)
+    if tokenizer.img_start_id != cfg.visual.image_start_id:
+        raise ValueError(f"{folder}: the tokenizer's <img> has id {tokenizer.img_start_id} but config.json's "
+                         f"visual.image_start_id is {cfg.visual.image_start_id}: qwen.tiktoken does not belong to "
+                         "these weights")
+    if tokenizer.n_vocab > cfg.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tokenizer.n_vocab} ids but the embedding only "
+                         f"{cfg.vocab_size} rows")
+    model = build_empty(lambda: QWenLMHeadModel(cfg), device, dtype)
+    load_weights(model, folder)
+    model.generation_eos = (*tokenizer.stop_ids, tokenizer.eod_id)
+    model.pad_token_id = tokenizer.eod_id
+    return model.eval(), QWenVLProcessor(tokenizer, cfg)
