@@ -1,10 +1,12 @@
 """Speed of the fast Hadamard transform vs a dense matrix product, on this machine.
 
-    python bench/hadamard_speed.py [--sizes 4096,14336,18944] [--tokens 2048] [--device cpu] [--repeat 3]
+    python bench/hadamard_speed.py [--sizes 4096,4304,13696,14336,18944] [--tokens 2048] [--device cpu] [--repeat 3]
 
 Prints a Markdown table: the construction used, the best-of-``repeat`` seconds of
 ``hadamard_transform(x)`` and of ``x @ H.T / sqrt(n)`` (the dense matrix built beforehand, not
-timed), their ratio and the max abs difference between the two results.
+timed), their ratio and the max abs difference between the two results. The defaults include the
+two widths whose K-blocks come from the Goethals-Seidel (13696 = 428 * 2^5) and Miyamoto
+(4304 = 1076 * 2^2) constructions, where the dense K x K factor is largest.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def best_time(fn, repeat: int, device: str) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="4096,14336,18944")
+    ap.add_argument("--sizes", default="4096,4304,13696,14336,18944")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeat", type=int, default=3)
