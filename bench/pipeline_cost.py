@@ -8,9 +8,12 @@ then prints a Markdown table. Calibration: 8 GPTQ rows and 16 static rows of the
 * ``--family internvl2``: InternViT-300M (1024 wide, 448 px tiles: 1025 tokens per tile, 256 after the pixel
   shuffle) and InternLM2 at InternVL2-2B widths (2048 / 8192 / 16 heads / 8 KV heads, vocabulary 92553;
   ``--widths 8B``: 4096 / 14336 / 32 / 8); the built-in images are square, so one tile each.
+* ``--family qwenvl``: Qwen-VL-Chat widths (ViT-bigG 1664 wide / MLP 8192 / 16 heads at 448 px: 1024 tokens; the
+  256-query resampler; QWen 4096 / 11008 / 32 heads, vocabulary 151936); ``--widths 7B`` only.
 
     python bench/pipeline_cost.py [--family qwen2vl|internvl2] [--llm_layers 2,4,8] [--vision_layers 2]
                                   [--vocab N] [--widths 2B|7B|8B] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python bench/pipeline_cost.py --family qwenvl --widths 7B [--llm_layers 2]
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ WIDTHS = {  # (LLM hidden, FFN, heads, KV heads, M-RoPE sections), vision 1280 w
     "7B": (3584, 18944, 28, 4, [16, 24, 24]),
 }
 INTERNVL_WIDTHS = {"2B": (2048, 8192, 16, 8), "8B": (4096, 14336, 32, 8)}  # InternLM2 hidden, FFN, heads, KV heads
-VOCAB = {"qwen2vl": 151936, "internvl2": 92553}
+QWENVL_WIDTHS = {"7B": (4096, 22016, 32)}  # QWen hidden, config intermediate_size (twice the MLP width), heads
+VOCAB = {"qwen2vl": 151936, "internvl2": 92553, "qwenvl": 151936}
 
 
 def internvl2_model(llm_layers: int, vision_layers: int, vocab: int, device: str, dtype: str, widths: str, folder: str):
@@ -60,6 +64,29 @@ def internvl2_model(llm_layers: int, vision_layers: int, vocab: int, device: str
     return model.eval(), processor
 
 
+def qwenvl_model(llm_layers: int, vision_layers: int, vocab: int, device: str, dtype: str, widths: str, folder: str):
+    """A random Qwen-VL-Chat at real widths (our modelling code) with the tiny tiktoken tokenizer's processor."""
+    import torch
+
+    from model.qwenvl import tiny as qt
+    from model.qwenvl.config import QWenConfig
+    from model.qwenvl.modeling import QWenLMHeadModel
+    from model.qwenvl.processor import QWenVLProcessor
+    from model.qwenvl.tokenizer import QWenTokenizer, write_tiny_tiktoken
+    from model.weights import build_empty
+
+    hidden, inter, heads = QWENVL_WIDTHS[widths]
+    ranks = write_tiny_tiktoken(folder, qt.CORPUS)
+    raw = qt.qwen_config(vocab, image_start_id=ranks + 214, hidden_size=hidden, intermediate_size=inter,
+                         num_attention_heads=heads, kv_channels=hidden // heads, num_hidden_layers=llm_layers,
+                         visual={"image_size": 448, "width": 1664, "layers": vision_layers, "heads": 16,
+                                 "mlp_ratio": 4.9231})
+    cfg = QWenConfig.from_dict(raw)
+    model = build_empty(lambda: QWenLMHeadModel(cfg), device, getattr(torch, dtype))
+    qt.randomize(model, 0)
+    return model.eval(), QWenVLProcessor(QWenTokenizer(folder), cfg)
+
+
 def one_run(llm_layers: int, vision_layers: int, vocab: int, device: str = "cpu", dtype: str = "float32",
             widths: str = "2B", family: str = "qwen2vl") -> dict:
     import torch
@@ -80,6 +107,13 @@ def one_run(llm_layers: int, vision_layers: int, vocab: int, device: str = "cpu"
 
         model, processor = internvl2_model(llm_layers, vision_layers, vocab, device, dtype, widths, tempfile.mkdtemp())
         adapter = InternVL2Adapter()
+    elif family == "qwenvl":
+        import tempfile
+
+        from model.qwenvl.adapter import QwenVLAdapter
+
+        model, processor = qwenvl_model(llm_layers, vision_layers, vocab, device, dtype, widths, tempfile.mkdtemp())
+        adapter = QwenVLAdapter()
     else:
         hidden, ffn, heads, kv, sections = WIDTHS[widths]
         cfg = tiny.qwen2vl_config(
@@ -127,14 +161,17 @@ def main() -> None:
     ap.add_argument("--vision_layers", type=int, default=2)
     ap.add_argument("--family", default="qwen2vl", choices=sorted(VOCAB))
     ap.add_argument("--vocab", type=int, default=None, help="default: the family's real vocabulary")
-    ap.add_argument("--widths", default="2B", choices=sorted({*WIDTHS, *INTERNVL_WIDTHS}))
+    ap.add_argument("--widths", default=None, choices=sorted({*WIDTHS, *INTERNVL_WIDTHS, *QWENVL_WIDTHS}),
+                    help="default: 2B (7B for qwenvl)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     vocab = args.vocab or VOCAB[args.family]
-    if args.widths not in (INTERNVL_WIDTHS if args.family == "internvl2" else WIDTHS):
+    family_widths = {"internvl2": INTERNVL_WIDTHS, "qwenvl": QWENVL_WIDTHS}.get(args.family, WIDTHS)
+    args.widths = args.widths or ("7B" if args.family == "qwenvl" else "2B")
+    if args.widths not in family_widths:
         ap.error(f"--widths {args.widths} is not one of the {args.family} widths")
     if args._child is not None:
         print(json.dumps(one_run(args._child, args.vision_layers, vocab, args.device, dtype, args.widths,
@@ -144,7 +181,7 @@ def main() -> None:
 
     where = (f"on {torch.cuda.get_device_name()}" if args.device.startswith("cuda")
              else f"on CPU ({torch.get_num_threads()} threads)")
-    name = "InternVL2" if args.family == "internvl2" else "Qwen2-VL"
+    name = {"internvl2": "InternVL2", "qwenvl": "Qwen-VL-Chat"}.get(args.family, "Qwen2-VL")
     print(f"{name}-{args.widths} widths, random weights, {dtype} {where}; "
           f"{args.vision_layers} vision blocks; W4A8 static, GPTQ act-order + MSE clip, full rotation\n")
     print("| LLM layers | weights MB | pipeline s | s per LLM layer | GPTQ llm s | peak RSS MB | peak RSS - weights MB "

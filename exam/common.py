@@ -33,9 +33,12 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     from model import registry
 
     builtin = ", ".join(repr(n) for n in registry.get(family).builtin_models)
-    g.add_argument("--model_path", required=True,
-                   help=f"local checkpoint folder (config.json + safetensors), or a built-in model: {builtin} "
-                        "('tiny*': tiny random models; 'minivlm': the real-weights MiniVLM)")
+    default = registry.get(family).default_checkpoint
+    g.add_argument("--model_path", required=default is None, default=None,
+                   help=f"local checkpoint folder (config.json + weights), or a built-in model: {builtin} "
+                        "('tiny*': tiny random models; 'minivlm': the real-weights MiniVLM)"
+                        + (f"; default: {default_model_path(default)} under the working directory, the reference "
+                           "repo's layout" if default else ""))
     g.add_argument("--data_root", default=os.environ.get("LMUData", os.path.expanduser("~/LMUData")),
                    help="folder with the VLMEvalKit-format dataset TSVs (default: $LMUData or ~/LMUData)")
     g.add_argument("--output_dir", default="outputs", help="where results.json is written")
@@ -115,6 +118,23 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                    help="attention-invariant flexible switching: visual tokens first at prefill, same outputs")
     g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
     return p
+
+
+def default_model_path(checkpoint: str) -> str:
+    return os.path.join("weights", checkpoint)
+
+
+def resolve_model_path(args: argparse.Namespace, family: str) -> str | None:
+    """``--model_path``, or the family's default folder ``weights/<checkpoint>``; None with an error message
+    when that default is absent."""
+    from model import registry
+
+    if args.model_path is not None:
+        return args.model_path
+    path = default_model_path(registry.get(family).default_checkpoint)
+    if not os.path.isdir(path):
+        return None
+    return path
 
 
 def config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -210,9 +230,24 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         parser.error("\n  - " + "\n  - ".join(problems))
 
     t_start = time.perf_counter()
+    own = registry.get(family)
+    model_path = resolve_model_path(args, family)
+    if model_path is None:
+        path = default_model_path(own.default_checkpoint)
+        parser.error(f"no --model_path given and the default checkpoint folder {path} does not exist under "
+                     f"{os.getcwd()}: put the {own.default_checkpoint} checkpoint folder there, or pass "
+                     f"--model_path FOLDER (or --model_path tiny for the built-in tiny model)")
+    args.model_path = model_path
+    n_calib = max(args.nsamples, args.calib_num if (cfg.visual.act.static or cfg.llm.act.static) else 0)
+    data = other = None
+    if args.dataset_name is not None:  # a missing benchmark file fails here, before the model is loaded
+        try:
+            data = datasets.load_rows(args.data_root, args.dataset_name)
+            other = None if args.calib_source == "heldout" else datasets.load_rows(args.data_root, args.calib_source)
+        except datasets.DatasetError as e:
+            parser.error(str(e))
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     try:
-        own = registry.get(family)
         adapter = own if args.model_path in own.builtin_models else registry.for_checkpoint(args.model_path, family)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
@@ -221,7 +256,6 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
     with pipeline.Stage(report, "load"):
         loaded = adapter.load(args.model_path, "cpu" if args.offload else device, dtype)
 
-    n_calib = max(args.nsamples, args.calib_num if (cfg.visual.act.static or cfg.llm.act.static) else 0)
     eval_rows: list[dict] = []
     if args.dataset_name is None:
         rows = builtin_rows(BUILTIN_ROWS, seed=args.seed)
@@ -230,8 +264,6 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
             return r["image"]
     else:
         try:
-            data = datasets.load_rows(args.data_root, args.dataset_name)
-            other = None if args.calib_source == "heldout" else datasets.load_rows(args.data_root, args.calib_source)
             split = datasets.split_rows(data, n_calib, args.seed, other, args.calib_source)
         except datasets.DatasetError as e:
             parser.error(str(e))

@@ -53,6 +53,9 @@ class ModelAdapter(ABC):
     architectures: ClassVar[tuple[str, ...]] = ()  # config.json "architectures" this adapter serves
     siblings: ClassVar[tuple[str, ...]] = ()       # families the same script may hand a checkpoint to
     builtin_models: ClassVar[tuple[str, ...]] = ("tiny",)  # --model_path names built here instead of loaded
+    # the checkpoint folder under weights/ that --model_path defaults to (the reference repo's layout);
+    # None: the script needs --model_path
+    default_checkpoint: ClassVar[str | None] = None
 
     # -- loading --------------------------------------------------------------------------------
     @abstractmethod

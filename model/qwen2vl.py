@@ -93,6 +93,7 @@ class Qwen2VLAdapter(ModelAdapter):
     name = "qwen2vl"
     architectures = ("Qwen2VLForConditionalGeneration",)
     siblings = ("qwen2_5vl",)
+    default_checkpoint = "Qwen2-VL-7B-Instruct"
 
     def _model_class(self):
         from transformers import Qwen2VLForConditionalGeneration
@@ -168,6 +169,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     name = "qwen2_5vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     siblings = ("qwen2vl",)
+    default_checkpoint = "Qwen2.5-VL-7B-Instruct"
     CUSTOM_PROMPT = False  # VLMEvalKit evaluates Qwen2.5-VL with the datasets' own prompts
 
     def _model_class(self):

@@ -108,6 +108,9 @@ def test_bad_folders_get_clear_errors(tmp_path):
     json.dump({**cfg, "visual": {**cfg["visual"], "image_start_id": 5}}, open(cfg_file, "w"))
     with pytest.raises(ValueError, match="qwen.tiktoken does not belong to these weights"):
         load(folder)
+    json.dump({**cfg, "quantization_config": {"quant_method": "gptq", "bits": 4}}, open(cfg_file, "w"))
+    with pytest.raises(ValueError, match="already quantized.*floating-point Qwen-VL-Chat"):
+        load(folder)
     json.dump({k: v for k, v in cfg.items() if k != "visual"}, open(cfg_file, "w"))
     with pytest.raises(ValueError, match="text-only Qwen checkpoint"):
         load(folder)

@@ -73,6 +73,7 @@ class InternVL2Adapter(ModelAdapter):
     name = "internvl2"
     architectures = ("InternVLChatModel",)
     builtin_models = ("tiny", "tiny-qwen2")
+    default_checkpoint = "InternVL2-8B"
 
     def load(self, model_path: str, device: str, dtype: torch.dtype) -> Loaded:
         from .loading import load

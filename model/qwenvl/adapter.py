@@ -68,6 +68,7 @@ def llm_stack(model: nn.Module) -> StackSpec:
 class QwenVLAdapter(ModelAdapter):
     name = "qwenvl"
     architectures = ("QWenLMHeadModel",)
+    default_checkpoint = "Qwen-VL-Chat"
 
     def load(self, model_path: str, device: str, dtype: torch.dtype) -> Loaded:
         from .loading import load

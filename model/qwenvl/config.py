@@ -71,6 +71,9 @@ class QWenConfig:
         archs = d.get("architectures") or []
         if archs and "QWenLMHeadModel" not in archs:
             raise ValueError(f"{where}: architectures {archs} is not Qwen-VL's QWenLMHeadModel")
+        if d.get("quantization_config"):
+            raise ValueError(f"{where}: this checkpoint is already quantized ({d['quantization_config'].get('quant_method', '?')}, "
+                             "e.g. Qwen-VL-Chat-Int4); give the floating-point Qwen-VL-Chat folder")
         if "visual" not in d:
             raise ValueError(f"{where} has no 'visual' section: this is a text-only Qwen checkpoint, not Qwen-VL")
         names = {f.name for f in fields(cls)} - {"visual"}
