@@ -408,3 +408,22 @@ def test_headline_command_without_a_checkpoint_fails_first(tmp_path, monkeypatch
         main("qwenvl", _smaller(HEADLINE) + ["--model_path", "tiny", "--data_root", str(tmp_path)])
     err = capsys.readouterr().err
     assert "OCRBench.tsv" in err and "--data_root" in err
+
+
+def test_dump_load_and_offload_give_the_same_model(folder, tmp_path):
+    """--dump_gptq / --load_gptq give identical logits without redoing GPTQ; --offload streams the blocks and gives
+    the same model."""
+    ad = registry.get("qwenvl")
+    base = loaded(folder)
+    bs = batches(ad, base, n=2, seed=31)
+    drop = ("--dataset_name", "OCRBench", "--act_order", "--visual_w_clip", "--llm_w_clip")  # RTN keeps it quick
+    flags = _smaller(["--model_path", folder, *[f for f in HEADLINE if f not in drop]])
+    flags += ["--aifs", "--visual_w_rtn", "--llm_w_rtn"]
+    dump = tmp_path / "ckpt.pth"  # the reference commands name a .pth; it is a folder here
+    first = main("qwenvl", flags + ["--dump_gptq", str(dump), "--output_dir", str(tmp_path / "a")])
+    second = main("qwenvl", flags + ["--load_gptq", str(dump), "--output_dir", str(tmp_path / "b")])
+    assert torch.equal(logits(first["loaded"].model, bs), logits(second["loaded"].model, bs))
+    assert "weights:llm" not in second["results"]["pipeline"]["seconds"]
+    off = main("qwenvl", flags + ["--offload", "--output_dir", str(tmp_path / "c")])
+    assert len(off["loaded"].offloader.blocks) == 4  # 2 ViT blocks + 2 QWen layers
+    assert torch.equal(logits(first["loaded"].model, bs), logits(off["loaded"].model, bs))
