@@ -21,7 +21,7 @@ from model.qwenvl import adapter as qvl_adapter
 from model.qwenvl.loading import load
 from model.qwenvl.qwen import ntk_alpha
 from model.qwenvl.tiny import write_checkpoint
-from model.qwenvl.vision import sincos_2d
+from model.resampler import sincos_2d
 from tests import DEVICE, main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -225,7 +225,7 @@ def test_vision_tower_matches_stock_clip_layers_and_multihead_attention(folder):
 
 
 def test_stored_resampler_positions_are_the_mae_sincos_table():
-    t = sincos_2d(8, 16)                       # [256, 8]: column channels first, then row channels
+    t = sincos_2d(8, 16, 16)                     # [256, 8]: column channels first, then row channels
     row, col = 2, 5
     omega = 1.0 / 10000 ** (torch.arange(2) / 2.0)
     expect = torch.cat([torch.sin(col * omega), torch.cos(col * omega), torch.sin(row * omega), torch.cos(row * omega)])

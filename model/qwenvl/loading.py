@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from .. import resampler
 from ..base import read_config
 from ..weights import build_empty, copy_tensor, iter_tensors, report_missing, shard_files
 from .config import QWenConfig
@@ -22,33 +23,17 @@ from .tokenizer import QWenTokenizer
 
 log = logging.getLogger("mquant")
 
-POOL = "transformer.visual.attn_pool.attn."
+POOL = "transformer.visual.attn_pool.attn"
 PROJ = "transformer.visual.proj"
 IGNORED = (".attn.masked_bias", ".attn.bias", ".rotary_emb.inv_freq")  # buffers some exports carry
 
 
 def to_ours(key: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """Original (key, tensor) -> our (key, tensor) pairs."""
-    if key in (POOL + "in_proj_weight", POOL + "in_proj_bias"):
-        kind = "weight" if key.endswith("weight") else "bias"
-        if t.shape[0] % 3:
-            raise ValueError(f"tensor {key} has {t.shape[0]} rows, not three equal blocks [Wq; Wk; Wv]")
-        return [(f"{POOL}{n}_proj.{kind}", c) for n, c in zip("qkv", t.chunk(3, dim=0))]
-    if key == PROJ:
-        return [(PROJ + ".weight", t.t())]
-    return [(key, t)]
+    return resampler.to_ours(key, t, POOL, PROJ)
 
 
 def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> the original checkpoint's tensors (for writing checkpoints in the original format)."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith(POOL) and k[len(POOL):].split(".")[0] in ("q_proj", "k_proj", "v_proj"):
-            continue
-        out[PROJ if k == PROJ + ".weight" else k] = v.t().contiguous() if k == PROJ + ".weight" else v
-    for kind in ("weight", "bias"):
-        out[f"{POOL}in_proj_{kind}"] = torch.cat([state[f"{POOL}{n}_proj.{kind}"] for n in "qkv"], dim=0)
-    return out
+    return resampler.to_original(state, POOL, PROJ)
 
 
 def load_weights(model: QWenLMHeadModel, folder: str) -> None:
@@ -58,7 +43,7 @@ def load_weights(model: QWenLMHeadModel, folder: str) -> None:
         for key, read in iter_tensors(path):
             if key.endswith(IGNORED):
                 continue
-            if key not in expected and not (key.startswith(POOL + "in_proj_") or key == PROJ):
+            if key not in expected and key not in resampler.original_keys(POOL, PROJ):
                 unexpected.append(key)
                 continue
             for ours, t in to_ours(key, read()):

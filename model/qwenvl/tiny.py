@@ -54,13 +54,13 @@ def qwen_config(vocab: int, image_start_id: int, **overrides) -> dict:
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Random weights, norms away from 1 and biases away from 0 (fresh values would hide fusion mistakes); the
     resampler's fixed sin-cos table as the original computes it."""
-    from .vision import sincos_2d
+    from ..resampler import sincos_2d
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("attn_pool.pos_embed"):
-                p.copy_(sincos_2d(p.shape[1], 16))
+                p.copy_(sincos_2d(p.shape[1], 16, 16))
             elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "ln_pre.weight", "ln_post.weight",
                                 "ln_q.weight", "ln_kv.weight")):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))

@@ -1,10 +1,7 @@
 """Qwen-VL's vision tower: an OpenCLIP-bigG-style ViT and the 256-query cross-attention resampler.
 
-Parameter names match the original ``transformer.visual.*`` keys, with three exceptions the loader maps
-(:mod:`.loading`): the resampler's ``attn.in_proj_weight`` / ``in_proj_bias`` ([Wq; Wk; Wv], an
-``nn.MultiheadAttention`` in the original) become ``attn.q_proj`` / ``k_proj`` / ``v_proj`` -- the three read
-different inputs, so they cannot stay one layer -- and ``proj``, a raw ``[in, out]`` matrix applied as
-``x @ proj``, becomes the Linear ``proj`` with weight ``proj^T``.
+Parameter names match the original ``transformer.visual.*`` keys, except the resampler's packed attention
+in-projection and ``proj``, which the loader maps (:mod:`model.resampler`).
 
 The ViT blocks keep their packed ``attn.in_proj`` whose rows are interleaved per head: row
 ``h * 3 * head_dim + j * head_dim + d`` is component j (q, k, v) of head h.
@@ -14,11 +11,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..resampler import ResamplerAttention
 from .config import VisualConfig
 
 EPS = 1e-6  # every norm of the tower (the original builds them with partial(LayerNorm, eps=1e-6))
@@ -33,21 +30,6 @@ def get_abs_pos(table: torch.Tensor, tgt_len: int) -> torch.Tensor:
     grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
     out = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
     return out.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
-
-
-def sincos_2d(embed_dim: int, grid: int) -> torch.Tensor:
-    """The resampler's fixed 2-D sin-cos table ``[grid^2, embed_dim]`` (MAE recipe, numpy float32): the first
-    half of the channels encodes the column, the second the row; tokens are row-major. Checkpoints store
-    the table; this builds it for new (tiny) checkpoints."""
-    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
-        omega = np.arange(dim // 2, dtype=np.float32) / (dim / 2.0)
-        omega = 1.0 / 10000 ** omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    table = np.concatenate([one_d(embed_dim // 2, cols), one_d(embed_dim // 2, rows)], axis=1)
-    return torch.from_numpy(table.astype(np.float32))
 
 
 class VisualAttention(nn.Module):
@@ -90,24 +72,6 @@ class TransformerBlock(nn.Module):
         for block in self.resblocks:
             x = block(x)
         return x
-
-
-class ResamplerAttention(nn.Module):
-    """``nn.MultiheadAttention`` with its packed in-projection split into three layers (queries, keys and
-    values come from different tensors)."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
-        return self.out_proj(out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1))
 
 
 class Resampler(nn.Module):
