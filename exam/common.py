@@ -59,6 +59,10 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                    help="score with this project's scorers (default) or with an installed VLMEvalKit (third/README.md)")
     g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
     g.add_argument("--calib_num", type=int, default=32, help="calibration samples for static activation scales")
+    g.add_argument("--holdout_num", type=int, default=None,
+                   help="with --dataset_name: how many rows to hold out for calibration (default: --nsamples, or "
+                        "--calib_num when larger and scales are static); runs compared in one table pass the same "
+                        "value, so that they all score the same rows")
     g.add_argument("--dump_gptq", default=None, help="folder to save the quantized model to (safetensors)")
     g.add_argument("--analysis", default=None, metavar="DIR",
                    help="write activation-range and RMS weight plots (PNG) and tables (CSV) of the rotated FP model to DIR")
@@ -186,6 +190,11 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
     needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
     if args.dataset_name is None and needed > BUILTIN_ROWS:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
+    if args.holdout_num is not None and args.dataset_name is None:
+        errs.append("--holdout_num needs --dataset_name")
+    elif args.holdout_num is not None and args.holdout_num < needed:
+        errs.append(f"--holdout_num {args.holdout_num} is less than the {needed} calibration rows --nsamples/--calib_num "
+                    "ask for: raise it or lower them")
     return errs
 
 
@@ -211,6 +220,32 @@ def peak_memory() -> dict:
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+             "asimd", "sve")  # the extensions that decide CPU int8 / bf16 matmul speed
+
+
+def machine() -> dict:
+    """What a run's times and memory were measured on (the report prints it beside them)."""
+    info: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:  # not Linux: platform.processor() is all there is
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info["cpu"] = value.strip()
+        elif key.strip() in ("flags", "Features"):  # the first processor's list stands for all
+            have = set(value.split())
+            info["isa"] = [f for f in ISA_FLAGS if f in have]
+            break
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
 
 
 def main(family: str, argv: list[str] | None = None, prog: str | None = None) -> dict:
@@ -239,6 +274,8 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
                      f"--model_path FOLDER (or --model_path tiny for the built-in tiny model)")
     args.model_path = model_path
     n_calib = max(args.nsamples, args.calib_num if (cfg.visual.act.static or cfg.llm.act.static) else 0)
+    if args.holdout_num is not None:
+        n_calib = args.holdout_num
     data = other = None
     if args.dataset_name is not None:  # a missing benchmark file fails here, before the model is loaded
         try:
@@ -347,7 +384,7 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         "pipeline": report.to_dict(),
         "memory": peak_memory(),
         "total_seconds": time.perf_counter() - t_start,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__},
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "machine": machine()},
         "evaluation": evaluation,
     }
     os.makedirs(args.output_dir, exist_ok=True)
