@@ -2,22 +2,29 @@
 RoPE on halves, the 4-D attention mask and greedy decoding with a KV cache."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 
 
 class CastBackRMSNorm(nn.Module):
     """RMSNorm whose statistics run in float32 and whose result is cast back to the input dtype *before* the
-    scale is applied, as in the original InternLM2 / InternViT-6B / QWen checkpoints' code."""
+    scale is applied, as in the original InternLM2 / InternViT-6B / QWen checkpoints' code; with
+    ``cast_before_scale=False`` the scale is applied in float32 and the product cast back (GLM-4's code)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, cast_before_scale: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.cast_before_scale = cast_before_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if not self.cast_before_scale:
+            return (self.weight * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -88,3 +95,9 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, eos: tuple[int, .
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=True)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+
+@functools.lru_cache(maxsize=None)
+def cache_kwarg(decoder_class: type) -> str:
+    """A transformers decoder's name for the KV cache (transformers 5.24 renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"

@@ -46,3 +46,24 @@ def cached_checkpoint(tag: str, sources: list[str], write: Callable[[str], objec
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def write_bpe_tokenizer(folder: str, corpus: str, added: list[str], vocab_size: int, config: dict) -> int:
+    """A byte-level BPE learned on ``corpus`` (``vocab.json`` + ``merges.txt``, the files of a Qwen2 tokenizer) and a
+    ``tokenizer_config.json`` of ``config`` whose ``added_tokens_decoder`` puts the ``added`` tokens after the
+    vocabulary, special; returns the vocabulary size including them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus.splitlines() * 4, trainer)
+    tok.model.save(folder)
+    base = tok.get_vocab_size()
+    decoder = {str(base + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                               "single_word": False} for i, t in enumerate(added)}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({**config, "added_tokens_decoder": decoder}, f, indent=1)
+    return base + len(added)

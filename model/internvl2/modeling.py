@@ -8,15 +8,13 @@ placeholders of the prompt.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..layers import greedy_generate
+from ..layers import cache_kwarg, greedy_generate
 from .config import InternVLConfig
 from .internlm2 import InternLM2ForCausalLM
 from .vision import InternVisionModel
@@ -37,12 +35,6 @@ def connector(in_width: int, out_width: int) -> nn.Sequential:
     """``mlp1``: LayerNorm(in) -> Linear(in, out) -> GELU -> Linear(out, out)."""
     return nn.Sequential(nn.LayerNorm(in_width), nn.Linear(in_width, out_width), nn.GELU(),
                          nn.Linear(out_width, out_width))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(decoder_class: type) -> str:
-    """The decoder's name for the KV cache (transformers 5.24 renamed ``past_key_values`` to ``cache``)."""
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 def vision_layers_used(cfg: InternVLConfig) -> int:
@@ -106,7 +98,7 @@ class InternVLChatModel(nn.Module):
                 raise ValueError(f"{int(slots.sum())} <IMG_CONTEXT> tokens in the prompt for {vit.shape[0]} tiles of "
                                  f"{vit.shape[1]} tokens: build inputs with the InternVL processor")
             embeds = embeds.masked_scatter(slots[..., None], vit.to(embeds.dtype))
-        cache = {_cache_kwarg(type(self.decoder)): past_key_values} if past_key_values is not None else {}
+        cache = {cache_kwarg(type(self.decoder)): past_key_values} if past_key_values is not None else {}
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=use_cache, **cache)
         head = self.language_model.get_output_embeddings()

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ..tiny_folders import cached_checkpoint, save_shards
+from ..tiny_folders import cached_checkpoint, save_shards, write_bpe_tokenizer
 
 ADDED_TOKENS = ["<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>", "<|im_start|>",
                 "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -95,24 +95,9 @@ def write_sentencepiece(folder: str) -> int:
 def write_qwen2_tokenizer(folder: str) -> int:
     """A byte-level BPE (``vocab.json`` + ``merges.txt``) for transformers' Qwen2 tokenizer, the chat and image
     tokens and ``<|endoftext|>`` after it in ``tokenizer_config.json``; returns the vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=SP_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer)
-    tok.model.save(folder)
-    base = tok.get_vocab_size()
-    added = [*ADDED_TOKENS, "<|endoftext|>"]
-    decoder = {str(base + i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
-                               "single_word": False} for i, t in enumerate(added)}
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": decoder, "eos_token": "<|im_end|>",
-                   "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
-                   "clean_up_tokenization_spaces": False, "model_max_length": 4096}, f, indent=1)
-    return base + len(added)
+    return write_bpe_tokenizer(folder, _CORPUS, [*ADDED_TOKENS, "<|endoftext|>"], SP_VOCAB, {
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False, "model_max_length": 4096})
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
