@@ -79,6 +79,12 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--rotate_mode", default="hadamard", choices=["hadamard", "random"])
     g.add_argument("--online_visual_hadamard", action="store_true", help="online Hadamard before the vision MLP output layer")
     g.add_argument("--online_llm_hadamard", action="store_true", help="online Hadamard before the LLM down_proj")
+    g.add_argument("--online_visual_input_hadamard", action="store_true",
+                   help="(ours) online Hadamard also before each vision block's attention and MLP input layers (qkv, "
+                        "fc1): rotates what they quantize at run time, where the stream cannot be rotated offline "
+                        "(GLM-4V's post-norm EVA2-CLIP); costs one transform per layer and token")
+    g.add_argument("--online_llm_input_hadamard", action="store_true",
+                   help="(ours) online Hadamard also before each LLM block's attention and MLP input layers")
     g.add_argument("--fp32_had", action="store_true", help="compute online Hadamard transforms in float32")
     g.add_argument("--hadamard_fallback", default="error", choices=["error", "pad", "orthogonal"],
                    help="for widths with no Hadamard construction: fail, zero-pad, or a random orthogonal block")
@@ -160,6 +166,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
                                 online_llm_hadamard=args.online_llm_hadamard, fp32_had=args.fp32_had,
+                                online_visual_input_hadamard=args.online_visual_input_hadamard,
+                                online_llm_input_hadamard=args.online_llm_input_hadamard,
                                 hadamard_fallback=args.hadamard_fallback),
         rms=RMSConfig(visual=args.visual_split, llm=args.llm_split, threshold=args.rms_threshold, keep_fp=args.rms_keep_fp),
         nsamples=args.nsamples, calib_num=args.calib_num, seed=args.seed, skip_names=tuple(args.skip_names),

@@ -81,6 +81,8 @@ class RotationConfig:
     mode: str = "hadamard"               # --rotate_mode
     online_visual_hadamard: bool = False  # --online_visual_hadamard
     online_llm_hadamard: bool = False     # --online_llm_hadamard
+    online_visual_input_hadamard: bool = False  # --online_visual_input_hadamard: before the vision blocks' qkv / fc1
+    online_llm_input_hadamard: bool = False     # --online_llm_input_hadamard: before the LLM blocks' qkv / gate, up
     fp32_had: bool = False               # --fp32_had
     hadamard_fallback: str = "error"     # widths with no Hadamard construction: "error", "pad", "orthogonal"
 
@@ -154,6 +156,10 @@ class QuantConfig:
                           "is part of the LLM rotation)")
         if r.online_visual_hadamard and not r.visual:
             errors.append("--online_visual_hadamard needs --rotate_visual_clip")
+        if r.online_visual_input_hadamard and not r.visual:
+            errors.append("--online_visual_input_hadamard needs --rotate_visual_clip")
+        if r.online_llm_input_hadamard and not r.llm:
+            errors.append("--online_llm_input_hadamard needs --rotate_llm")
         if self.rms.visual and not r.online_visual_hadamard:
             errors.append("--visual_split needs --online_visual_hadamard (it splits the channel the online "
                           "Hadamard concentrates)")

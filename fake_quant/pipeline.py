@@ -81,10 +81,12 @@ def rotate_model(model: nn.Module, stacks, cfg: QuantConfig, sites=()) -> dict:
     rms = dict(split_threshold=cfg.rms.threshold, keep_fp=cfg.rms.keep_fp)
     if r.rotate and r.visual:
         options["visual"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed, online_hadamard=r.online_visual_hadamard,
+                                               online_inputs=r.online_visual_input_hadamard,
                                                fp32_had=r.fp32_had, fallback=r.hadamard_fallback,
                                                split=cfg.rms.visual, **rms)
     if r.rotate and r.llm:
         options["llm"] = ru.RotationOptions(mode=r.mode, seed=cfg.seed + 1, online_hadamard=r.online_llm_hadamard,
+                                            online_inputs=r.online_llm_input_hadamard,
                                             fp32_had=r.fp32_had, fallback=r.hadamard_fallback,
                                             split=cfg.rms.llm, **rms)
     report = ru.rotate(model, stacks, options)

@@ -11,11 +11,16 @@ Order for one stack (vision encoder or LLM):
    and replace the norm by a weightless RMSNorm with the same eps.
 5. ``rotate_stack``: residual rotation Q: writers' outputs by Q^T, readers' inputs by Q.
 6. ``rotate_ov``: a Hadamard per head between V and O.
-7. ``add_online_hadamard``: fold H into the MLP output layer and apply H to its input at run time.
+7. ``add_online_hadamard``: fold H into the MLP output layer and apply H to its input at run time;
+   ``add_online_input_hadamards`` does the same for the layers reading the stream (opt-in).
 
 Every weight is transformed in float64 and written back in its own dtype. Steps 1-4 leave the
 model's function unchanged on their own; 5-7 need 1-4 first (a rotation only commutes with a
 weightless RMSNorm).
+
+A stack whose norms sit on the branch outputs (``StackSpec.branch_output_norms``) has no linear after a
+norm: steps 2-5 do not apply to it (its norms stay as they are) and asking for them is an error; 6 and 7
+are exact on any stack, so they are what rotating such a stack means.
 """
 from __future__ import annotations
 
@@ -166,6 +171,7 @@ def _writers(model: nn.Module, stack: StackSpec) -> list[Writer]:
 
 def bake_mean_out(model: nn.Module, stack: StackSpec) -> None:
     """Subtract, from every writer, the mean over the stream dimension of what it writes."""
+    _refuse_residual(stack, "bake the mean out of its residual stream")
     for w in _writers(model, stack):
         if w.kind == "linear":
             lin = _linear(model, w.path)
@@ -218,6 +224,7 @@ def _norm_paths(model: nn.Module, stack: StackSpec) -> list[str]:
 
 
 def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
+    _refuse_residual(stack, "fuse its norms into their readers")
     b = stack.block
     # a LayerNorm on a stream whose mean was not baked out (keep_mean, or an RMSNorm stack whose final
     # norm is a LayerNorm, like InternViT-6B's read by InternVL's mlp1) removes the mean itself
@@ -233,9 +240,21 @@ def fuse_norms(model: nn.Module, stack: StackSpec) -> None:
         fuse(stack.final_norm, list(stack.readers))
 
 
+def _refuse_residual(stack: StackSpec, what: str) -> None:
+    if not stack.residual_rotation:
+        raise ValueError(
+            f"{stack.name}: cannot {what}: the norms of this stack sit on the branch outputs "
+            "(h = x + norm(f(x))), so no linear reads a norm's output to absorb it offline; such a stack "
+            "takes only the per-head V/O Hadamard and online Hadamards on linear inputs (what rotate() "
+            "applies to it)")
+
+
 def make_rotation_ready(model: nn.Module, stack: StackSpec) -> None:
-    """Steps 1-4: after this the stack's norms are weightless RMSNorms and it computes the same function."""
+    """Steps 1-4: after this the stack's norms are weightless RMSNorms and it computes the same function.
+    A stack with norms on its branch outputs only gets its head untied: its norms cannot be fused."""
     untie(model, stack)
+    if not stack.residual_rotation:
+        return
     split_norm_writers(model, stack)
     fold_layer_scales(model, stack)
     if stack.norm_kind == "layernorm" and not stack.keep_mean:
@@ -298,6 +317,7 @@ def rotate_writer(model: nn.Module, w: Writer, Q: torch.Tensor) -> None:
 
 def rotate_stack(model: nn.Module, stack: StackSpec, Q: torch.Tensor) -> None:
     """Residual rotation by Q (stack must be rotation-ready)."""
+    _refuse_residual(stack, "take a residual rotation")
     for w in _writers(model, stack):
         rotate_writer(model, w, Q)
     b = stack.block
@@ -343,13 +363,36 @@ def rotate_ov_at(model: nn.Module, path: str, a: AttentionSpec) -> None:
     _write(o.weight, hu.hadamard_transform(Wo).reshape(o.weight.shape))  # W_oh H~^T per head
 
 
+def online_hadamard_at(model: nn.Module, path: str, fp32: bool = False, fallback: str = "error") -> QuantLinear:
+    """Fold H~^T into the linear at ``path`` and wrap it so H~ is applied to its input at run time (exact
+    whatever the layer's input is). With the ``"pad"`` fallback the input is zero-padded to the next
+    constructible width inside the online transform, and the weight gets matching zero columns (no bias
+    is added)."""
+    lin = _linear(model, path)
+    plan = hu.get_plan(lin.in_features, fallback)
+    W = lin.weight.double()
+    if plan.out_dim != lin.in_features:
+        W = nn.functional.pad(W, (0, plan.out_dim - lin.in_features))
+    Wr = hu.hadamard_transform(W, plan=hu.get_plan(plan.out_dim) if plan.kind == "pad" else plan)
+    online = hu.OnlineHadamard(lin.in_features, fp32=fp32, fallback=fallback)
+    if isinstance(lin, QuantLinear):
+        if lin.online_rotation is not None and lin.use_online_rotation:
+            raise ValueError(f"{path} already has an online Hadamard transform")
+        lin.online_rotation, lin.use_online_rotation = online, True
+        ql = lin
+    else:
+        ql = QuantLinear(lin, online_rotation=online)
+    ql.weight = nn.Parameter(Wr.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
+    ql.in_features = plan.out_dim
+    set_module(model, path, ql)
+    return ql
+
+
 def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, fallback: str = "error",
                         split: bool = False, split_threshold: float = 0.0, keep_fp: bool = False,
                         split_reports: dict | None = None) -> list[str]:
-    """Fold H~^T into each MLP output layer and wrap it so H~ is applied to its input at run time.
+    """The online Hadamard (:func:`online_hadamard_at`) on each MLP output layer of the stack.
 
-    With the ``"pad"`` fallback the layer's input is zero-padded to the next constructible width
-    inside the online transform, and its weight gets matching zero columns (no bias is added).
     With ``split`` (RMS) a layer whose rows meet the RMS condition in more than ``split_threshold``
     of its rows gets its mean channel split off (:mod:`fake_quant.rms`); ``split_reports`` collects
     what happened per layer."""
@@ -358,30 +401,34 @@ def add_online_hadamard(model: nn.Module, stack: StackSpec, fp32: bool = False, 
         path = join(bp, stack.block.mlp_out)
         lin = _linear(model, path)
         plan = hu.get_plan(lin.in_features, fallback)
-        W = lin.weight.double()
-        if plan.out_dim != lin.in_features:
-            W = nn.functional.pad(W, (0, plan.out_dim - lin.in_features))
-        Wr = hu.hadamard_transform(W, plan=hu.get_plan(plan.out_dim) if plan.kind == "pad" else plan)
-        online = hu.OnlineHadamard(lin.in_features, fp32=fp32, fallback=fallback)
-        if isinstance(lin, QuantLinear):
-            lin.online_rotation, lin.use_online_rotation = online, True
-            ql = lin
-        else:
-            ql = QuantLinear(lin, online_rotation=online)
-        ql.weight = nn.Parameter(Wr.to(lin.weight.dtype), requires_grad=lin.weight.requires_grad)
-        ql.in_features = plan.out_dim
+        if split and plan.kind == "orthogonal":
+            raise ValueError(f"{path}: RMS needs a Hadamard matrix; the 'orthogonal' fallback spreads the row mean")
+        W = nn.functional.pad(lin.weight.double(), (0, plan.out_dim - lin.in_features))
+        ql = online_hadamard_at(model, path, fp32, fallback)
         if split:
-            if plan.kind == "orthogonal":
-                raise ValueError(f"{path}: RMS needs a Hadamard matrix; the 'orthogonal' fallback spreads the row mean")
-            rep = split_report(W, Wr, split_threshold)
+            rep = split_report(W, ql.weight.double(), split_threshold)
             if split_reports is not None:
                 split_reports[path] = rep.__dict__
             if rep.split:
-                ql = SplitQuantLinear(ql, keep_fp=keep_fp)
+                set_module(model, path, SplitQuantLinear(ql, keep_fp=keep_fp))
                 log.info("RMS: split %s (%.1f%% of rows meet the condition; weight scale / %.2f)",
                          path, 100 * rep.rows_meeting_condition, rep.scale_reduction)
-        set_module(model, path, ql)
         wrapped.append(path)
+    return wrapped
+
+
+def add_online_input_hadamards(model: nn.Module, stack: StackSpec, fp32: bool = False,
+                               fallback: str = "error") -> list[str]:
+    """The online Hadamard on every layer of each block that reads the stream: the attention's inputs
+    (q/k/v or the packed qkv) and the MLP's (fc1, gate/up). Exact on any stack; the way to rotate what
+    those layers quantize when the stream itself cannot be rotated offline. Each layer transforms its
+    own input: separate q, k and v pay for it three times."""
+    b = stack.block
+    wrapped = []
+    for bp in stack.block_paths(model):
+        for p in (*b.attn.inputs, *b.mlp_in):
+            online_hadamard_at(model, join(bp, p), fp32, fallback)
+            wrapped.append(join(bp, p))
     return wrapped
 
 
@@ -390,6 +437,7 @@ class RotationOptions:
     mode: str = "hadamard"         # residual rotation: "hadamard" or "random"
     seed: int = 0
     online_hadamard: bool = False  # on the MLP output layers
+    online_inputs: bool = False    # on the layers reading the stream (attention and MLP inputs)
     rotate_ov: bool = True
     fp32_had: bool = False
     fallback: str = "error"        # for widths without a Hadamard construction
@@ -410,13 +458,20 @@ def rotate(model: nn.Module, stacks: list[StackSpec], options: dict[str, Rotatio
         opt = options.get(s.name)
         if opt is None:
             continue
-        Q = rotation_matrix(s.hidden_size, opt.mode, opt.seed, opt.fallback)
-        rotate_stack(model, s, Q)
+        if s.residual_rotation:
+            Q = rotation_matrix(s.hidden_size, opt.mode, opt.seed, opt.fallback)
+            rotate_stack(model, s, Q)
+        else:
+            log.info("%s: norms on the branch outputs, no residual rotation (per-head V/O and online Hadamards "
+                     "only)", s.name)
         if opt.rotate_ov:
             rotate_ov(model, s)
         splits: dict = {}
         online = (add_online_hadamard(model, s, opt.fp32_had, opt.fallback, opt.split, opt.split_threshold,
                                       opt.keep_fp, splits) if opt.online_hadamard else [])
-        report[s.name] = {"mode": opt.mode, "seed": opt.seed, "online_hadamard": online, "rms": splits}
-        log.info("rotated %s (%s, seed %d); online Hadamard on %d layers", s.name, opt.mode, opt.seed, len(online))
+        inputs = add_online_input_hadamards(model, s, opt.fp32_had, opt.fallback) if opt.online_inputs else []
+        report[s.name] = {"mode": opt.mode, "seed": opt.seed, "residual": s.residual_rotation,
+                          "online_hadamard": online, "online_input_hadamard": inputs, "rms": splits}
+        log.info("rotated %s (%s, seed %d); online Hadamard on %d output and %d input layers", s.name, opt.mode,
+                 opt.seed, len(online), len(inputs))
     return report

@@ -117,10 +117,20 @@ class StackSpec:
     # projector reads a hidden state): keep the stream's mean and let each converted norm remove the
     # mean direction itself, instead of baking the mean out of every writer
     keep_mean: bool = False
+    # the block's norms sit on the branch *outputs* (h = x + norm(attn(x)); out = h + norm(mlp(h)), GLM-4V's
+    # EVA2-CLIP) instead of their inputs: no linear reads a norm's output, so nothing can absorb a norm's
+    # scale or a residual rotation offline. Such a stack keeps its norms; rotating it applies only what stays
+    # exact there (per-head V/O, online Hadamards on linear inputs)
+    branch_output_norms: bool = False
 
     def __post_init__(self) -> None:
         if self.norm_kind not in ("layernorm", "rmsnorm"):
             raise ValueError(f"norm_kind must be 'layernorm' or 'rmsnorm', got {self.norm_kind!r}")
+
+    @property
+    def residual_rotation(self) -> bool:
+        """Whether the residual stream can be rotated offline (its norms can be fused into their readers)."""
+        return not self.branch_output_norms
 
     @property
     def root(self) -> str:

@@ -271,8 +271,10 @@ def _as_list(ids: Iterable[int]) -> list[int]:
     return [int(t) for t in ids]
 
 
-def write_tiny_tiktoken(folder: str | os.PathLike, corpus: str, vocab_size: int = 320) -> int:
-    """Write a small ``qwen.tiktoken`` into ``folder``: the 256 bytes, then BPE merges learned on ``corpus``.
+def write_tiny_tiktoken(folder: str | os.PathLike, corpus: str, vocab_size: int = 320, filename: str = VOCAB_FILE,
+                        pat_str: str = PAT_STR) -> int:
+    """Write a small tiktoken rank file (``qwen.tiktoken`` by default) into ``folder``: the 256 bytes, then BPE
+    merges learned on ``corpus`` split by ``pat_str`` (the split pattern of the tokenizer that will read it).
 
     Returns the number of ranks (``vocab_size`` unless the corpus runs out of pairs first).
     """
@@ -281,7 +283,7 @@ def write_tiny_tiktoken(folder: str | os.PathLike, corpus: str, vocab_size: int 
     if vocab_size < 256:
         raise ValueError(f"vocab_size {vocab_size} < 256: every byte needs a rank")
     ranks = {bytes([b]): r for r, b in enumerate(gpt2_byte_order())}
-    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for w in regex.findall(PAT_STR, corpus))
+    words = Counter(tuple(bytes([b]) for b in w.encode("utf-8")) for w in regex.findall(pat_str, corpus))
     while len(ranks) < vocab_size:
         pairs: Counter = Counter()
         for word, freq in words.items():
@@ -310,8 +312,8 @@ def write_tiny_tiktoken(folder: str | os.PathLike, corpus: str, vocab_size: int 
     os.makedirs(folder, exist_ok=True)
     text = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in ranks.items())
     # written aside and renamed, so that a reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".qwen.tiktoken.")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.")
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(text)
-    os.replace(tmp, os.path.join(folder, VOCAB_FILE))
+    os.replace(tmp, os.path.join(folder, filename))
     return len(ranks)
