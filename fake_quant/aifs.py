@@ -73,7 +73,9 @@ def install(language_model: nn.Module, state: ModalityState) -> None:
             return args, kwargs
         if state.perm is not None and mask2d is not None:  # decode: cached keys are in permuted order
             n = state.perm.shape[1]
-            head = torch.gather(mask2d[:, :n], 1, state.perm)
+            # beam search decodes several beams of one prefilled prompt: they share its permutation
+            perm = state.perm.expand(mask2d.shape[0], -1) if state.perm.shape[0] == 1 else state.perm
+            head = torch.gather(mask2d[:, :n], 1, perm)
             kwargs["attention_mask"] = torch.cat([head, mask2d[:, n:]], dim=1)
             return args, kwargs
         return None

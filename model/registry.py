@@ -46,4 +46,5 @@ def _load_builtin() -> None:
     from . import causal_lm, llava, qwen2vl  # noqa: F401  (registering the families)
     from .internvl2 import adapter  # noqa: F401
     from .qwenvl import adapter as _qwenvl  # noqa: F401
+    from .minicpmv import adapter as _minicpmv  # noqa: F401
     from .glm4v import adapter as _glm4v  # noqa: F401
