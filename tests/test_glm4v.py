@@ -350,7 +350,7 @@ def _with(monkeypatch, name, change):
 def test_rotation_negative_controls(base, monkeypatch):
     """The declarations the rotation relies on all matter: the LLM's blocked qkv with 2 KV groups, boi / eoi as
     writers of the LLM stream, the tower's norms on the branch outputs, and each online transform at run time."""
-    bs = batches(base)
+    bs = batches(base, n=1)
     ref = logits(base.model, bs)
 
     def grouped(s):
