@@ -280,6 +280,7 @@ def test_prompt_is_the_original_template(base):
     assert ids[:4] == [tok.gmask_id, tok.sop_id, tok.user_id, *tok.encode("\n")]
     assert ids[4:7] == [tok.boi_id, tok.eot_id, tok.eoi_id] and ids[-1] == tok.assistant_id
     assert ids[7:-1] == tok.encode("What is written?")
+    assert base.model.generation_eos == tok.stop_ids == (tok.eot_id, tok.user_id, tok.special_tokens["<|observation|>"])
     with pytest.raises(ValueError, match="one image per conversation"):
         proc("Which?", [Image.new("RGB", (9, 9))] * 2)
     ad = registry.get("glm4v")

@@ -49,8 +49,9 @@ def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32
                          f"{cfg.padded_vocab_size} rows")
     model = build_empty(lambda: ChatGLMForConditionalGeneration(cfg), device, dtype)
     load_weights(model, folder)
-    if not model.generation_eos:
-        model.generation_eos = tokenizer.stop_ids
+    # config.json's eos list is generation_config.json's (<|endoftext|>, <|user|>, <|observation|>); an older file
+    # with a single id would let a reply run past <|user|>
+    model.generation_eos = tuple(dict.fromkeys((*cfg.eos_ids, *tokenizer.stop_ids)))
     if model.pad_token_id is None:
         model.pad_token_id = tokenizer.eot_id
     return model.eval(), GLM4VProcessor(tokenizer, cfg)
