@@ -75,7 +75,7 @@ def evaluate(adapter, loaded, dataset_name: str, rows: list[dict], output_dir: s
                             meta={"dataset": dataset_name})
             inputs = adapter.build_inputs(loaded, sample, device)
             out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        **adapter.generate_kwargs(loaded))
+                                        **adapter.decoding(loaded))
             pred = adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:]).strip()
             done[key] = pred
             f.write(json.dumps({"index": row["index"], "prediction": pred}) + "\n")

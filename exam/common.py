@@ -54,7 +54,10 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                    help="'heldout' (default): calibrate on a seeded held-out part of the dataset, never scored; or the "
                         "name / path of another TSV in --data_root (e.g. a training split) to calibrate on")
     g.add_argument("--eval_num", type=int, default=None, help="score at most this many rows (default: all)")
-    g.add_argument("--max_new_tokens", type=int, default=128, help="greedy decoding length for evaluation")
+    g.add_argument("--max_new_tokens", type=int, default=128, help="decoding length for evaluation")
+    g.add_argument("--greedy", action="store_true",
+                   help="decode greedily where the family's VLMEvalKit setting is beam search (MiniCPM-V: 3 beams, "
+                        "repetition penalty 1.2); the other families decode greedily anyway")
     g.add_argument("--eval_backend", default="mquant", choices=["mquant", "vlmeval"],
                    help="score with this project's scorers (default) or with an installed VLMEvalKit (third/README.md)")
     g.add_argument("--nsamples", type=int, default=8, help="calibration samples for GPTQ")
@@ -300,6 +303,8 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
     report = pipeline.PipelineReport()
     with pipeline.Stage(report, "load"):
         loaded = adapter.load(args.model_path, "cpu" if args.offload else device, dtype)
+    if args.greedy and adapter.decoding(loaded).get("num_beams", 1) > 1:
+        loaded.generation.update(num_beams=1, repetition_penalty=1.0)
 
     eval_rows: list[dict] = []
     if args.dataset_name is None:
@@ -363,12 +368,13 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         demo_row = rows[n_calib]
         with pipeline.Stage(report, "generate"):
             inputs = adapter.build_inputs(loaded, Sample([demo_row["image"]], demo_row["question"]), device)
-            out = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, **adapter.generate_kwargs(loaded))
+            out = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, **adapter.decoding(loaded))
             demo = {"row": demo_row["index"], "question": demo_row["question"],
                     "answer": adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:])}
     else:
         with pipeline.Stage(report, "evaluate"):
             run_meta = {**meta, "load_gptq": args.load_gptq, "max_new_tokens": args.max_new_tokens,
+                        "decoding": adapter.decoding(loaded),
                         "calibration": calib_info}
             if args.eval_backend == "vlmeval":
                 from evaluation import vlmeval_bridge
@@ -388,6 +394,7 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         "command": " ".join(sys.argv if argv is None else [prog or f"quant_{family}.py", *argv]),
         "calibration": {**calib_info, "gptq_rows": [r["index"] for r in gptq_rows],
                         "static_rows": [r["index"] for r in static_rows]},
+        "decoding": adapter.decoding(loaded) or {"num_beams": 1},
         "demo": demo,
         "pipeline": report.to_dict(),
         "memory": peak_memory(),

@@ -46,6 +46,7 @@ class Loaded:
     path: str
     offloader: Any = None  # set when blocks are streamed from the CPU (--offload)
     modality_state: Any = None  # set when MSQ or AIFS track visual tokens
+    generation: dict = field(default_factory=dict)  # decoding settings over the family's (e.g. --greedy)
 
 
 class ModelAdapter(ABC):
@@ -114,7 +115,12 @@ class ModelAdapter(ABC):
         return loaded.processor.batch_decode(token_ids, skip_special_tokens=True)[0]
 
     def generate_kwargs(self, loaded: Loaded) -> dict:
+        """The family's evaluation decoding (VLMEvalKit's), beyond greedy."""
         return {}
+
+    def decoding(self, loaded: Loaded) -> dict:
+        """What ``generate`` gets for evaluation: the family's settings, overridden by ``loaded.generation``."""
+        return {**self.generate_kwargs(loaded), **loaded.generation}
 
 
 def read_config(model_path: str) -> dict:

@@ -352,3 +352,14 @@ def test_w4a8_flag_set_end_to_end_and_dump_load(tmp_path):
     ad = out["adapter"]
     bs = batches(ad, out["loaded"])
     assert torch.equal(logits(model, bs), logits(again["loaded"].model, bs))
+
+
+def test_greedy_flag_overrides_the_beam_search_default(tmp_path):
+    flags = ["--model_path", "tiny", "--dataset_name", "TextVQA_VAL", "--data_root", FIX, "--eval_num", "2",
+             "--max_new_tokens", "4", "--nsamples", "1"]
+    beams = main("minicpmv", flags + ["--output_dir", str(tmp_path / "b")])["results"]
+    greedy = main("minicpmv", flags + ["--greedy", "--output_dir", str(tmp_path / "g")])["results"]
+    assert beams["decoding"] == {"num_beams": 3, "repetition_penalty": 1.2}
+    assert greedy["decoding"] == {"num_beams": 1, "repetition_penalty": 1.0}
+    with pytest.raises(SystemExit):
+        main("minicpmv", flags + ["--data_root", str(tmp_path)])  # no TextVQA_VAL.tsv there: refused before loading
