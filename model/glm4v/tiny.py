@@ -71,7 +71,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / (fan_in ** 0.5 if p.dim() > 1 else 1.0))
 
 
-def write_tokenizer(folder: str) -> dict[str, int]:
+def write_tokenizer(folder: str, image_size: int = 84) -> dict[str, int]:
     """``tokenizer.model`` and ``tokenizer_config.json`` (added tokens after the ranks, as the original's)."""
     from ..qwenvl.tokenizer import write_tiny_tiktoken
     from .tokenizer import PAT_STR, SPECIAL_TOKENS, VOCAB_FILE
@@ -84,7 +84,7 @@ def write_tokenizer(folder: str) -> dict[str, int]:
         json.dump({"added_tokens_decoder": added, "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
                    "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
                    "clean_up_tokenization_spaces": False, "do_lower_case": False, "eos_token": "<|endoftext|>",
-                   "image_size": 84, "model_input_names": ["input_ids", "attention_mask", "position_ids"],
+                   "image_size": image_size, "model_input_names": ["input_ids", "attention_mask", "position_ids"],
                    "model_max_length": 1000000000000000019884624838656, "pad_token": "<|endoftext|>",
                    "padding_side": "left", "remove_space": False, "tokenizer_class": "ChatGLM4Tokenizer"}, f, indent=1)
     return specials
@@ -98,7 +98,7 @@ def write_checkpoint(folder: str, seed: int = 0, shards: int = 2, drop: tuple[st
     from .modeling import ChatGLMForConditionalGeneration
 
     os.makedirs(folder, exist_ok=True)
-    specials = write_tokenizer(folder)
+    specials = write_tokenizer(folder, vision_config(**overrides.get("vision_config", {}))["image_size"])
     n_vocab = max(specials.values()) + 1
     raw = glm_config(-(-n_vocab // 64) * 64, specials, **overrides)  # padded rows, as the original
     with open(os.path.join(folder, "config.json"), "w") as f:
