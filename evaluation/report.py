@@ -8,8 +8,8 @@ scored one benchmark; runs whose quantization settings are the same make one row
 score in VLMEvalKit's keys, the calibration rows each used, the wall time (summed over the row's runs), the peak
 memory (the largest) and the machine. Rows come in the order the runs are given.
 
-Numbers of different checkpoints, or of one benchmark calibrated on different rows (or scored on different rows),
-do not compare: such runs are refused with the difference named, unless ``--allow_mixed``.
+Numbers of different checkpoints, or of one benchmark calibrated on different rows (or scored on other rows, or
+decoded otherwise), do not compare: such runs are refused with the difference named, unless ``--allow_mixed``.
 
 Only the standard library is used, so a report is instant and needs no model code.
 """
@@ -76,6 +76,14 @@ class Run:
         return self.results["evaluation"]["rows_scored"]
 
     @property
+    def decoding(self) -> str:
+        """How the answers were produced: decoding settings, length and scorer (they move the scores too)."""
+        d = json.dumps(self.results.get("decoding") or {"num_beams": 1}, sort_keys=True)
+        cmd = self.results.get("command", "")
+        tokens = flag_value(cmd, "--max_new_tokens") or "the default"
+        return f"{d}, max_new_tokens {tokens}, scorer {flag_value(cmd, '--eval_backend') or 'mquant'}"
+
+    @property
     def setting_key(self) -> str:
         cfg = {k: v for k, v in self.results["config"].items() if k not in PER_RUN_CONFIG}
         return json.dumps([cfg, self.results["model"]["dtype"]], sort_keys=True)
@@ -122,6 +130,16 @@ def defining_flags(command: str) -> list[str]:
         out.append(tokens[i])
         i += 1
     return out
+
+
+def flag_value(command: str, flag: str) -> str | None:
+    tokens = command.split()
+    for i, t in enumerate(tokens):
+        if t == flag and i + 1 < len(tokens):
+            return tokens[i + 1]
+        if t.startswith(flag + "="):
+            return t.split("=", 1)[1]
+    return None
 
 
 def bits(part: dict) -> str:
@@ -204,6 +222,9 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> None:
             elif other.rows_scored != first.rows_scored and not allow_mixed:
                 problems.append(f"{bench}: {first.path} scored {first.rows_scored} rows but {other.path} scored "
                                 f"{other.rows_scored}: run them with the same --eval_num")
+            elif other.decoding != first.decoding and not allow_mixed:
+                problems.append(f"{bench}: {first.path} answered with {first.decoding} but {other.path} with "
+                                f"{other.decoding}: run them with the same --max_new_tokens, --greedy and --eval_backend")
     cells: dict[tuple, str] = {}
     for r in runs:
         key = (row_key(r, allow_mixed), r.benchmark)
@@ -212,7 +233,8 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> None:
                             "run: give only one of them")
         cells.setdefault(key, r.path)
     if problems:
-        hint = "" if allow_mixed else "\n(--allow_mixed puts different checkpoints or calibration sets in one table anyway)"
+        hint = "" if allow_mixed else ("\n(--allow_mixed puts different checkpoints, calibration or scored rows and "
+                                       "decoding in one table anyway)")
         raise ReportError("these runs do not make one table:\n  - " + "\n  - ".join(problems) + hint)
 
 
@@ -344,11 +366,14 @@ def to_markdown(t: Table, title: str | None = None) -> str:
         lines.append("| " + " | ".join(v[h].replace("|", "\\|") for h in header) + " |")
     lines.append("")
     for b in t.benchmarks:
-        run = next(r for row in t.rows for r in row.runs if r.benchmark == b)
-        source, seed, held = run.calibration
+        runs = [r for row in t.rows for r in row.runs if r.benchmark == b]
+        source, seed, held = runs[0].calibration
         where = "held out of the benchmark" if source == "heldout" else f"drawn from {source}"
-        lines.append(f"{b}: {run.rows_scored} rows scored; calibration rows {where} (seed {seed}, {len(held)} rows), "
-                     "never scored.")
+        line = (f"{b}: {runs[0].rows_scored} rows scored; calibration rows {where} (seed {seed}, {len(held)} rows), "
+                "never scored.")
+        if len({(r.calibration, r.rows_scored, r.decoding) for r in runs}) > 1:
+            line += " Not all runs share these rows or their decoding (--allow_mixed): see each run's results.json."
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -370,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--title", help="a heading above the Markdown table")
     ap.add_argument("--all_keys", action="store_true", help="every score key, not only the headline ones")
     ap.add_argument("--allow_mixed", action="store_true",
-                    help="put runs of different checkpoints, calibration rows or scored rows in one table anyway")
+                    help="put runs of different checkpoints, calibration rows, scored rows or decoding in one table "
+                         "anyway")
     args = ap.parse_args(argv)
     try:
         table = build_table(find_runs(args.runs), args.all_keys, args.allow_mixed)

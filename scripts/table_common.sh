@@ -73,7 +73,10 @@ Environment:
                      (default outputs/tables; the tables share runs of the same setting)
   SETTINGS="..."     only these settings, or "all" (of: $ALL_SETTINGS)
   BENCHMARKS="..."   only these benchmarks, or "all" (of: $BENCHMARKS_ALL)
-  EVAL_NUM=N         score only the first N rows of each benchmark; MAX_NEW_TOKENS=N  greedy decoding length
+  CALIB_SOURCE_<BENCHMARK>=TSV  calibrate that benchmark on another TSV (a name in DATA or a path), e.g.
+                     CALIB_SOURCE_TextVQA_VAL=TextVQA_TRAIN; then every row of the benchmark is scored
+                     (default: rows held out of the benchmark itself, never scored)
+  EVAL_NUM=N         score only the first N rows of each benchmark; MAX_NEW_TOKENS=N  decoding length
   EXTRA_FLAGS="..."  more exam-script flags for every run (e.g. --offload, --device cuda:1)
   PYTHON=...         the interpreter (default .venv/bin/python)
   DRY_RUN=1          print each run's state and command; run nothing
@@ -113,6 +116,11 @@ table_preflight() {
   local b missing=()
   for b in $BENCH_RUN; do [[ -f $DATA/$b.tsv ]] || missing+=("$DATA/$b.tsv"); done
   [[ ${#missing[@]} -eq 0 ]] || die "benchmark file(s) not found: ${missing[*]}. Put VLMEvalKit's TSVs there (VLMEvalKit downloads them to \$LMUData, by default ~/LMUData), set DATA=FOLDER to the folder that holds them, or BENCHMARKS=\"...\" to run fewer"
+  local src
+  for b in $BENCH_RUN; do
+    src=$(calib_source "$b")
+    [[ -z $src || -f $src || -f $DATA/$src.tsv ]] || die "CALIB_SOURCE_$b=$src: neither $src nor $DATA/$src.tsv exists; give a TSV path or the name of a TSV in DATA"
+  done
 
   if [[ $TINY == 0 ]]; then
     # the exam script would find a wrong checkpoint too, but only after the runs before it have spent hours
@@ -165,6 +173,11 @@ print(f"partial {answered}" if answered else "new")
 EOF
 }
 
+calib_source() {  # BENCHMARK -> $CALIB_SOURCE_<BENCHMARK>, empty when unset
+  local var=CALIB_SOURCE_$1
+  echo "${!var:-}"
+}
+
 run_one() {  # SETTING BENCHMARK
   local setting=$1 bench=$2 flags dir cmd state
   flags=$(setting_flags "$setting")
@@ -180,6 +193,9 @@ run_one() {  # SETTING BENCHMARK
   # shellcheck disable=SC2206
   local args=(--model_path "$CKPT" $flags --dataset_name "$bench" --data_root "$DATA" --nsamples "$NSAMPLES"
               --calib_num "$CALIB_NUM" --holdout_num "$HOLDOUT")
+  local src
+  src=$(calib_source "$bench")
+  [[ -n $src ]] && args+=(--calib_source "$src")
   [[ -n $eval_num ]] && args+=(--eval_num "$eval_num")
   [[ -n $new_tokens ]] && args+=(--max_new_tokens "$new_tokens")
   # shellcheck disable=SC2206
