@@ -96,12 +96,13 @@ def test_main_table_has_a_row_per_setting_with_the_runs_numbers(scenario):
         assert row["peak_rss_mb"] == f"{run['memory']['peak_rss_mb']:.0f}"
         assert row["machine"] == report.machine(run) and str(os.cpu_count()) + " cores" in row["machine"]
         assert (row["device"], row["dtype"]) == (DEVICE, DTYPE)
-    # one GPTQ row and two static rows, but every setting held out (and so scored) the same rows
+    # one GPTQ row and three static rows, but every setting held out (and so scored) the same rows: two MME
+    # question pairs, where the FP run alone would have held out one
     assert [r["calibration (GPTQ/static rows)"] for r in rows] == [
-        "heldout (seed 42): none used", "heldout (seed 42): none used", "heldout (seed 42): MME 1/2"]
+        "heldout (seed 42): none used", "heldout (seed 42): none used", "heldout (seed 42): MME 1/3"]
     held = {tuple(r["calibration"]["held_out_rows"]) for r in runs}
-    assert len(held) == 1 and len(next(iter(held))) == 2 and len(runs[0]["calibration"]["gptq_rows"]) == 1
-    assert "MME: 2 rows scored; calibration rows held out of the benchmark (seed 42, 2 rows), never scored." in \
+    assert len(held) == 1 and len(next(iter(held))) == 4 and len(runs[0]["calibration"]["gptq_rows"]) == 1
+    assert "MME: 2 rows scored; calibration rows held out of the benchmark (seed 42, 4 rows), never scored." in \
         scenario["main_md"]
     assert "| MQuant (MSQ + AIFS + RMS) | W4A8 | W4A8 |" in scenario["main_md"]
 
@@ -137,7 +138,7 @@ def test_interrupted_evaluation_resumes_from_its_predictions(scenario):
     # the resumed run and a new benchmark make one row with both benchmarks' columns
     md = scenario["resume_md"]
     assert "| setting | vision | LLM | OCRBench (Final Score) | MME (perception) | MME (reasoning) |" in md
-    assert "OCRBench: 2 rows scored; calibration rows held out of the benchmark (seed 42, 2 rows), never scored." in md
+    assert "OCRBench: 2 rows scored; calibration rows held out of the benchmark (seed 42, 3 rows), never scored." in md
 
 
 def test_results_record_the_machine(scenario):
