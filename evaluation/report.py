@@ -102,6 +102,8 @@ def find_runs(paths: list[str]) -> list[Run]:
                 dirs.sort()
                 if "results.json" in names:
                     files.append(os.path.join(root, "results.json"))
+        if not os.path.exists(p):
+            raise ReportError(f"{p} does not exist: give the --output_dir of a finished run, or a folder above runs")
         if not files:
             raise ReportError(f"{p}: no results.json in it or below; give the --output_dir of a finished run "
                               "(results.json is written when a run ends, so an interrupted run has none yet)")
@@ -224,7 +226,8 @@ def check_comparable(runs: list[Run], allow_mixed: bool) -> None:
                                 f"{other.rows_scored}: run them with the same --eval_num")
             elif other.decoding != first.decoding and not allow_mixed:
                 problems.append(f"{bench}: {first.path} answered with {first.decoding} but {other.path} with "
-                                f"{other.decoding}: run them with the same --max_new_tokens, --greedy and --eval_backend")
+                                f"{other.decoding}: run them with the same --max_new_tokens, --greedy and "
+                                "--eval_backend")
     cells: dict[tuple, str] = {}
     for r in runs:
         key = (row_key(r, allow_mixed), r.benchmark)
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's --output_dir, or a folder above several runs")
-    ap.add_argument("--format", choices=["markdown", "csv"], default="markdown", help="what to print (default Markdown)")
+    ap.add_argument("--format", choices=["markdown", "csv"], default="markdown",
+                    help="what to print (default Markdown)")
     ap.add_argument("--csv", metavar="FILE", help="also write the rows as CSV to FILE")
     ap.add_argument("--title", help="a heading above the Markdown table")
     ap.add_argument("--all_keys", action="store_true", help="every score key, not only the headline ones")

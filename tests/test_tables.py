@@ -33,7 +33,7 @@ RTN_FLAGS = ("--quant --quant_llm --quant_visual_clip --quant_cross_attention --
 
 
 def script(name: str, *args: str, root: str = ROOT, **env: str) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in HERMETIC}
+    base = {k: v for k, v in os.environ.items() if k not in HERMETIC and not k.startswith("CALIB_SOURCE_")}
     base.update({"PYTHON": sys.executable, "DATA": "tests/fixtures", "EXTRA_FLAGS": f"--device {DEVICE}", **env})
     return subprocess.run(["bash", os.path.join(root, "scripts", name), *args], cwd=ROOT, env=base,
                           capture_output=True, text=True, timeout=900)
@@ -55,14 +55,14 @@ def scenario(tmp_path_factory) -> dict:
     tiny = {"MODEL": "tiny", "OUT": out}
     s: dict = {"out": out, "root": root}
     s["main"] = script("table_main.sh", "qwen2vl", **tiny)
-    assert s["main"].returncode == 0, s["main"].stderr[-3000:]
+    assert s["main"].returncode == 0, (s["main"].stdout + s["main"].stderr)[-3000:]
     s["main_md"] = open(os.path.join(root, "table_main.md")).read()
     s["main_csv"] = open(os.path.join(root, "table_main.csv")).read()
     s["again"] = script("table_main.sh", "qwen2vl", **tiny)
     s["again_md"] = open(os.path.join(root, "table_main.md")).read()
     s["again_csv"] = open(os.path.join(root, "table_main.csv")).read()
     s["ablation"] = script("table_ablation.sh", "qwen2vl", **tiny)
-    assert s["ablation"].returncode == 0, s["ablation"].stderr[-3000:]
+    assert s["ablation"].returncode == 0, (s["ablation"].stdout + s["ablation"].stderr)[-3000:]
     s["ablation_csv"] = open(os.path.join(root, "table_ablation.csv")).read()
 
     # an evaluation stopped after its first answer: no results.json, one prediction on disk
@@ -75,7 +75,7 @@ def scenario(tmp_path_factory) -> dict:
     with open(preds, "w") as f:
         f.writelines(lines[:2])
     s["resume"] = script("table_main.sh", "qwen2vl", SETTINGS="fp", BENCHMARKS="OCRBench MME", **tiny)
-    assert s["resume"].returncode == 0, s["resume"].stderr[-3000:]
+    assert s["resume"].returncode == 0, (s["resume"].stdout + s["resume"].stderr)[-3000:]
     s["resume_md"] = open(os.path.join(root, "table_main.md")).read()
     return s
 
@@ -227,6 +227,8 @@ def test_report_refuses_duplicates_unscored_runs_and_empty_folders(scenario, tmp
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "no results.json in it or below" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "absent")]) == 2
+    assert f"{tmp_path / 'absent'} does not exist" in capsys.readouterr().err
 
 
 # -- the plan of the full tables, and bad input ---------------------------------------------------------------------
@@ -269,7 +271,8 @@ def test_full_tables_use_the_reference_recipes(plans, fake_checkpoint):
         assert (value(cmd, "--calib_source") if "--calib_source" in cmd else None) == \
             ("tests/fixtures/OCRBench.tsv" if bench == "TextVQA_VAL" else None)
         setting = value(cmd, "--output_dir").split("/")[-2]
-        assert value(cmd, "--output_dir") == f"outputs/plan/qwen2vl-{os.path.basename(fake_checkpoint)}/{setting}/{bench}"
+        folder = f"outputs/plan/qwen2vl-{os.path.basename(fake_checkpoint)}/{setting}/{bench}"
+        assert value(cmd, "--output_dir") == folder
     dirs = [value(c, "--output_dir") for c in main]
     assert len(set(dirs)) == len(dirs)
     shared = {value(c, "--output_dir"): c for c in main}
@@ -286,7 +289,8 @@ def test_setting_names_follow_from_the_flags(plans):
         "fp": f"FP ({DTYPE})", "v8_rtn": "RTN, dynamic per-token", "v8_gptq": "GPTQ, dynamic per-token",
         "v8_dynamic": "rotation + GPTQ, dynamic per-token", "v8_static": "rotation + GPTQ, static, one scale",
         "v8_mquant": "MQuant (MSQ + AIFS + RMS)", "v4_msq": "rotation + GPTQ, static, MSQ",
-        "v4_msq_aifs": "rotation + GPTQ, static, MSQ + AIFS", "v4_mquant_sink": "MQuant (MSQ + AIFS + RMS) + sink scale",
+        "v4_msq_aifs": "rotation + GPTQ, static, MSQ + AIFS",
+        "v4_mquant_sink": "MQuant (MSQ + AIFS + RMS) + sink scale",
     }
     seen = {}
     for cmd in plans["table_main.sh"] + plans["table_ablation.sh"]:
