@@ -363,3 +363,24 @@ def test_greedy_flag_overrides_the_beam_search_default(tmp_path):
     assert greedy["decoding"] == {"num_beams": 1, "repetition_penalty": 1.0}
     with pytest.raises(SystemExit):
         main("minicpmv", flags + ["--data_root", str(tmp_path)])  # no TextVQA_VAL.tsv there: refused before loading
+
+
+def test_id_zero_is_hidden_and_answers_keep_special_tokens_as_the_original(folder):
+    """The original masks every id-0 token ("!") out of attention and numbers positions over the rest; its answer
+    text drops id 0 and keeps special tokens."""
+    ld = loaded(folder)
+    proc, model, tok = ld.processor, ld.model, ld.processor.tokenizer
+    assert tok.convert_ids_to_tokens(0) == "!"
+    bang = proc("Red!", images()[2:])
+    assert (bang["input_ids"][0] == 0).any() and bang["attention_mask"][0].tolist() == (bang["input_ids"][0] != 0).long().tolist()
+    with torch.no_grad():
+        ref = model.llm.model(inputs_embeds=model.llm.get_input_embeddings()(bang["input_ids"]).masked_scatter(
+            model.image_slots(bang["input_ids"])[..., None],
+            model.vision_features(bang["pixel_values"], bang["tgt_sizes"])),
+            attention_mask=bang["attention_mask"],
+            position_ids=(bang["attention_mask"].cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        assert rel(model(**bang).logits, model.llm.lm_head(ref)) < 1e-6
+    box = tok.convert_tokens_to_ids("<box>")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok("red", add_special_tokens=False)["input_ids"]
+    assert proc.decode([0, *ids, box, 0, end, *ids]) == "red<box>"

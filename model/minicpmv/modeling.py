@@ -75,6 +75,9 @@ class MiniCPMV(nn.Module):
                 raise ValueError(f"{int(slots.sum())} image placeholders in the prompt for {feats.shape[0]} slices of "
                                  f"{feats.shape[1]} tokens: build inputs with the MiniCPM-V processor")
             embeds = embeds.masked_scatter(slots[..., None], feats.to(embeds.dtype))
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and past_key_values is None:
+            # positions count only the attended tokens, as transformers' generate numbers them for the original
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = {cache_kwarg(type(self.decoder)): past_key_values} if past_key_values is not None else {}
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=use_cache, **cache)

@@ -120,8 +120,10 @@ class MiniCPMVProcessor:
             if IMAGE_MARK not in text:
                 raise ValueError("the chat template dropped an image mark")
             text = text.replace(IMAGE_MARK, self.placeholder(i, grid), 1)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        # the original hides every id-0 token ("!" in the Qwen2 vocabulary) from attention, as if it were its
+        # left padding, and numbers positions over the rest
+        out = {"input_ids": ids, "attention_mask": (ids != 0).long()}
         if strips:
             width = max(s.shape[-1] for s in strips)
             out["pixel_values"] = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[-1])) for s in strips])
@@ -129,7 +131,9 @@ class MiniCPMVProcessor:
         return out
 
     def decode(self, token_ids) -> str:
+        """The answer text as the original's ``_decode_text``: up to the first stop id, id-0 tokens dropped, special
+        tokens kept (grounding answers carry ``<box>`` / ``<ref>``), stripped."""
         ids = [int(t) for t in (token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids)]
         stops = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
         cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+        return self.tokenizer.decode([t for t in ids[:cut] if t != 0], skip_special_tokens=False).strip()

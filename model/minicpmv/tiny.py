@@ -81,6 +81,17 @@ def write_checkpoint(folder: str, seed: int = 0, shards: int = 2, drop: tuple[st
     raw = config(vocab, **overrides)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(raw, f, indent=1)
+    sl = raw["slice_config"]
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:  # what the original processor reads
+        json.dump({"image_processor_type": "MiniCPMVImageProcessor", "processor_class": "MiniCPMVProcessor",
+                   "auto_map": {"AutoProcessor": "processing_minicpmv.MiniCPMVProcessor",
+                                "AutoImageProcessor": "image_processing_minicpmv.MiniCPMVImageProcessor"},
+                   "max_slice_nums": sl["max_slice_nums"], "scale_resolution": sl["scale_resolution"],
+                   "patch_size": raw["patch_size"], "use_image_id": raw["use_image_id"],
+                   "image_feature_size": raw["query_num"], "im_start": "<image>", "im_end": "</image>",
+                   "slice_start": "<slice>", "slice_end": "</slice>", "unk": "<unk>", "im_id_start": "<image_id>",
+                   "im_id_end": "</image_id>", "slice_mode": True, "norm_mean": [0.5, 0.5, 0.5],
+                   "norm_std": [0.5, 0.5, 0.5], "version": 2.6}, f, indent=1)
     torch.manual_seed(seed)
     model = build(MiniCPMVConfig.from_dict(raw), "cpu", torch.float32)
     randomize(model, seed)
