@@ -100,3 +100,28 @@ def build_empty(factory: Callable[[], nn.Module], device: str, dtype: torch.dtyp
     with torch.device("meta"), default_dtype(dtype):
         model = factory()
     return model.to_empty(device=device)
+
+
+def load_state(model: nn.Module, folder: str, family: str, allow_bin: bool = False,
+               rename: Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]] | None = None,
+               renamed: tuple[str, ...] = (), skip: Callable[[str], bool] = lambda k: False,
+               optional: Callable[[str], bool] = lambda k: False) -> set[str]:
+    """Fill ``model``'s state from a checkpoint folder by the original tensor names: ``rename`` maps the original
+    keys listed in ``renamed`` to ours (e.g. a packed tensor split in three), ``skip`` names tensors nothing
+    needs (buffers some exports carry, layers after the one read), ``optional`` tensors the caller fills itself
+    when absent (a tied head). A missing or misshaped tensor fails naming it; other unknown tensors are reported.
+    Returns the keys loaded."""
+    expected = model.state_dict(keep_vars=True)
+    loaded, unexpected = set(), []
+    for path in shard_files(folder, family, allow_bin=allow_bin):
+        for key, read in iter_tensors(path):
+            if skip(key):
+                continue
+            if key not in expected and key not in renamed:
+                unexpected.append(key)
+                continue
+            for ours, t in (rename(key, read()) if rename is not None and key in renamed else [(key, read())]):
+                copy_tensor(expected[ours], t, key, os.path.basename(path))
+                loaded.add(ours)
+    report_missing(folder, expected, loaded, unexpected, optional)
+    return loaded

@@ -11,7 +11,7 @@ import os
 import torch
 
 from ..base import read_config
-from ..weights import build_empty, copy_tensor, iter_tensors, report_missing, shard_files
+from ..weights import build_empty, load_state
 from .config import ChatGLMConfig
 from .modeling import ChatGLMForConditionalGeneration
 from .processor import GLM4VProcessor
@@ -21,18 +21,7 @@ IGNORED = ("transformer.rotary_pos_emb.inv_freq",)
 
 
 def load_weights(model: ChatGLMForConditionalGeneration, folder: str) -> None:
-    expected = model.state_dict(keep_vars=True)
-    loaded, unexpected = set(), []
-    for path in shard_files(folder, "GLM-4V", allow_bin=True):
-        for key, read in iter_tensors(path):
-            if key in IGNORED:
-                continue
-            if key not in expected:
-                unexpected.append(key)
-                continue
-            copy_tensor(expected[key], read(), key, os.path.basename(path))
-            loaded.add(key)
-    report_missing(folder, expected, loaded, unexpected)
+    load_state(model, folder, "GLM-4V", allow_bin=True, skip=lambda k: k in IGNORED)
 
 
 def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..base import read_config
-from ..weights import copy_tensor, default_dtype, iter_tensors, report_missing, shard_files
+from ..weights import default_dtype, load_state
 from .config import InternVLConfig
 from .modeling import InternVLChatModel, qwen2_language_model
 from .processor import InternVLProcessor
@@ -37,26 +37,17 @@ def build(cfg: InternVLConfig, device: str, dtype: torch.dtype) -> InternVLChatM
 
 
 def load_weights(model: InternVLChatModel, folder: str) -> None:
-    expected = model.state_dict(keep_vars=True)
     used_layers = len(model.vision_model.encoder.layers)
-    loaded, unexpected = set(), []
-    for path in shard_files(folder, "InternVL2"):
-        for key, read in iter_tensors(path):
-            if key not in expected:
-                parts = key.split(".")
-                if key.startswith("vision_model.encoder.layers.") and int(parts[3]) >= used_layers:
-                    continue  # after select_layer: never used
-                unexpected.append(key)
-                continue
-            copy_tensor(expected[key], read(), key, os.path.basename(path))
-            loaded.add(key)
     head = "language_model.lm_head.weight"
-    if head not in loaded and head in expected and model.config.llm_kind == "qwen2":
-        # tied output layer: only the embedding is stored
+    tied = model.config.llm_kind == "qwen2"
+
+    def after_select_layer(key: str) -> bool:  # never used
+        return key.startswith("vision_model.encoder.layers.") and int(key.split(".")[3]) >= used_layers
+
+    loaded = load_state(model, folder, "InternVL2", skip=after_select_layer, optional=lambda k: tied and k == head)
+    if tied and head not in loaded:  # tied output layer: only the embedding is stored
         model.language_model.lm_head.weight = model.language_model.model.embed_tokens.weight
-        loaded.add(head)
         log.info("%s: no %s in the checkpoint; the output layer shares the input embedding", folder, head)
-    report_missing(folder, expected, loaded, unexpected)
 
 
 def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32,

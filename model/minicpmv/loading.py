@@ -14,7 +14,7 @@ import torch
 
 from .. import resampler
 from ..base import read_config
-from ..weights import copy_tensor, default_dtype, iter_tensors, report_missing, shard_files
+from ..weights import default_dtype, load_state
 from .config import MiniCPMVConfig
 from .modeling import MiniCPMV, qwen2_language_model
 from .processor import MiniCPMVProcessor
@@ -65,20 +65,13 @@ def build(cfg: MiniCPMVConfig, device: str, dtype: torch.dtype) -> MiniCPMV:
 
 
 def load_weights(model: MiniCPMV, folder: str) -> None:
-    expected = model.state_dict(keep_vars=True)
     used = model.config.vision_layers
-    loaded, unexpected = set(), []
-    for path in shard_files(folder, "MiniCPM-V 2.6"):
-        for key, read in iter_tensors(path):
-            if key.startswith("vpm.encoder.layers.") and int(key.split(".")[3]) >= used:
-                continue  # the dropped last vision layer
-            if key not in expected and key not in resampler.original_keys(ATTN, PROJ):
-                unexpected.append(key)
-                continue
-            for ours, t in to_ours(key, read()):
-                copy_tensor(expected[ours], t, key, os.path.basename(path))
-                loaded.add(ours)
-    report_missing(folder, expected, loaded, unexpected)
+
+    def dropped(key: str) -> bool:  # the dropped last vision layer
+        return key.startswith("vpm.encoder.layers.") and int(key.split(".")[3]) >= used
+
+    load_state(model, folder, "MiniCPM-V 2.6", rename=to_ours, renamed=resampler.original_keys(ATTN, PROJ),
+               skip=dropped)
 
 
 def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -15,7 +15,7 @@ import torch
 
 from .. import resampler
 from ..base import read_config
-from ..weights import build_empty, copy_tensor, iter_tensors, report_missing, shard_files
+from ..weights import build_empty, load_state
 from .config import QWenConfig
 from .modeling import QWenLMHeadModel
 from .processor import QWenVLProcessor
@@ -37,19 +37,8 @@ def to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: QWenLMHeadModel, folder: str) -> None:
-    expected = model.state_dict(keep_vars=True)
-    loaded, unexpected = set(), []
-    for path in shard_files(folder, "Qwen-VL", allow_bin=True):
-        for key, read in iter_tensors(path):
-            if key.endswith(IGNORED):
-                continue
-            if key not in expected and key not in resampler.original_keys(POOL, PROJ):
-                unexpected.append(key)
-                continue
-            for ours, t in to_ours(key, read()):
-                copy_tensor(expected[ours], t, key, os.path.basename(path))
-                loaded.add(ours)
-    report_missing(folder, expected, loaded, unexpected)
+    load_state(model, folder, "Qwen-VL", allow_bin=True, rename=to_ours, renamed=resampler.original_keys(POOL, PROJ),
+               skip=lambda k: k.endswith(IGNORED))
 
 
 def load(folder: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[QWenLMHeadModel, QWenVLProcessor]:
