@@ -384,3 +384,14 @@ def test_id_zero_is_hidden_and_answers_keep_special_tokens_as_the_original(folde
     end = tok.convert_tokens_to_ids("<|im_end|>")
     ids = tok("red", add_special_tokens=False)["input_ids"]
     assert proc.decode([0, *ids, box, 0, end, *ids]) == "red<box>"
+
+
+def test_added_tokens_get_the_ids_the_tokenizer_config_gives(folder):
+    """transformers' own Qwen2 tokenizer (no remote code) gives every added token the id tokenizer_config.json's
+    added_tokens_decoder assigns it, and encodes the markers and <unk> as single tokens."""
+    tok = loaded(folder).processor.tokenizer
+    decoder = json.load(open(os.path.join(folder, "tokenizer_config.json")))["added_tokens_decoder"]
+    assert decoder and all(tok.convert_tokens_to_ids(t["content"]) == int(i) for i, t in decoder.items())
+    for t in ("<image>", "</slice>", "<image_id>", "<unk>", "<|im_end|>"):
+        assert tok(t, add_special_tokens=False)["input_ids"] == [int(next(i for i, d in decoder.items()
+                                                                          if d["content"] == t))]
