@@ -13,14 +13,15 @@ Three steps, each in the Python environment that can run it:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the reference step's Python lacks this project
+from check_fp_common import (DTYPES, ROOT, default_device, parse, parser, read_pt, rel_norm, same_ids,  # noqa: E402
+                             top1_agreement, verdict)
 
 
 def ours(a) -> None:
@@ -50,7 +51,7 @@ def reference(a) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     dtype = getattr(torch, a.dtype)
-    saved = torch.load(os.path.join(a.work, "ours.pt"))
+    saved = read_pt(a.work, "ours.pt")
     text = json.load(open(os.path.join(a.work, "prompt.json")))["text"]
     tok = AutoTokenizer.from_pretrained(a.model_path, trust_remote_code=True, use_fast=False)
     model = AutoModel.from_pretrained(a.model_path, torch_dtype=dtype, trust_remote_code=True,
@@ -67,41 +68,23 @@ def reference(a) -> None:
 
 
 def compare(a) -> None:
-    o = torch.load(os.path.join(a.work, "ours.pt"))
-    r = torch.load(os.path.join(a.work, "reference.pt"))
-    same_ids = torch.equal(o["input_ids"], r["input_ids"])
-    print(f"token ids: {'identical' if same_ids else 'DIFFERENT'} ({o['input_ids'].shape[1]} ours, "
-          f"{r['input_ids'].shape[1]} reference)")
-    if not same_ids:
-        a_, b_ = o["input_ids"][0].tolist(), r["input_ids"][0].tolist()
-        first = next((i for i, (x, y) in enumerate(zip(a_, b_)) if x != y), min(len(a_), len(b_)))
-        print(f"  first difference at position {first}: ours {a_[first:first + 8]}, reference {b_[first:first + 8]}")
+    o, r = read_pt(a.work, "ours.pt"), read_pt(a.work, "reference.pt")
+    same, _ = same_ids(o, r, "token ids", "at position")
     lo, lr = o["logits"][0], r["logits"][0]
-    rel = float((lo - lr).norm() / lr.norm())
-    agree = float((lo.argmax(-1) == lr.argmax(-1)).float().mean())
+    rel = rel_norm(lo, lr)
+    agree = top1_agreement(lo, lr)
     print(f"logits: relative difference {rel:.2e}, max abs {float((lo - lr).abs().max()):.3e}, "
           f"top-1 agreement {100 * agree:.1f}% over {lo.shape[0]} positions")
-    ok = same_ids and agree > 0.99
-    print("MATCH" if ok else "MISMATCH: please report it with this output")
-    sys.exit(0 if ok else 1)
+    verdict(same and agree > 0.99)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("ours", "reference", "compare"))
-    p.add_argument("--model_path", required=False)
-    p.add_argument("--image")
-    p.add_argument("--question", default="Describe the image in one sentence.")
-    p.add_argument("--work", default="outputs/check_internvl_fp")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p = parser(__doc__, "outputs/check_internvl_fp")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     p.add_argument("--max_num", type=int, default=6, help="tiles per image")
     p.add_argument("--max_new_tokens", type=int, default=32)
-    a = p.parse_args()
-    if a.step != "compare" and not a.model_path:
-        p.error(f"the {a.step} step needs --model_path")
-    if a.step == "ours" and not a.image:
-        p.error("the ours step needs --image")
+    a = parse(p)
     {"ours": ours, "reference": reference, "compare": compare}[a.step](a)
 
 

@@ -60,31 +60,19 @@ answer ids agree and the texts do not.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the reference step's Python lacks this project
+from check_fp_common import (ROOT, SETTINGS, add_run_settings, compare_answers, compare_features,  # noqa: E402
+                             compare_ids, compare_logits, finish, first_difference, inside_span, low_cpu_mem,
+                             open_compare, ours_settings, parse, parser, read_json, read_pt, reference_settings,
+                             versions, write_json, write_settings)
+
 IMAGE_MARK = "(<image>./</image>)"
 MAX_INP_LENGTH = 8192  # chat()'s default max_inp_length
-MIN_AGREEMENT = 0.99
-
-
-def _load(work: str, name: str) -> dict:
-    return torch.load(os.path.join(work, name), map_location="cpu")
-
-
-def _read_json(work: str, name: str) -> dict:
-    with open(os.path.join(work, name), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(work: str, name: str, data: dict) -> None:
-    with open(os.path.join(work, name), "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
 
 
 def pad_strips(strips: list[torch.Tensor]) -> torch.Tensor:
@@ -102,8 +90,7 @@ def ours(a: argparse.Namespace) -> None:
     from model.minicpmv.processor import best_grid
 
     path = os.path.abspath(a.image)
-    dtype = getattr(torch, a.dtype or "bfloat16")
-    max_new = a.max_new_tokens or 32
+    dtype, max_new = ours_settings(a)
     beams, penalty = (1, 1.0) if a.greedy else (3, 1.2)
     model, proc = load(a.model_path, a.device, dtype)
     tok = proc.tokenizer
@@ -125,14 +112,10 @@ def ours(a: argparse.Namespace) -> None:
     torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
                 "tgt_sizes": inputs["tgt_sizes"], "features": feats, "logits": logits, "answer_ids": answer_ids},
                os.path.join(a.work, "ours.pt"))
-    _write_json(a.work, "prompt.json", {"prompt": prompt, "text": text, "image": path, "question": a.question,
-                                        "grid": list(grid) if grid else None, "answer": proc.decode(answer_ids)})
-    # the reference step runs without this project: it takes its settings and the token ids from here
-    _write_json(a.work, "settings.json", {
-        "model_path": os.path.abspath(a.model_path), "dtype": str(dtype).removeprefix("torch."),
-        "device": str(a.device), "max_new_tokens": max_new, "num_beams": beams, "repetition_penalty": penalty,
-        "stop_ids": list(model.generation_eos), "span_pairs": [list(p) for p in model.span_pairs],
-        "torch": torch.__version__})
+    write_json(a.work, "prompt.json", {"prompt": prompt, "text": text, "image": path, "question": a.question,
+                                       "grid": list(grid) if grid else None, "answer": proc.decode(answer_ids)})
+    write_settings(a, dtype, max_new, num_beams=beams, repetition_penalty=penalty,
+                   stop_ids=list(model.generation_eos), span_pairs=[list(p) for p in model.span_pairs])
     print(f"ours: {n} prompt tokens, {inputs['pixel_values'].shape[0]} slices (grid {grid}), "
           f"answer {proc.decode(answer_ids)!r}")
 
@@ -171,21 +154,16 @@ def reference(a: argparse.Namespace) -> None:
 
     work = os.path.abspath(a.work)
     model_path = os.path.abspath(a.model_path)
-    settings = _read_json(work, "settings.json")
-    prompt_info = _read_json(work, "prompt.json")
-    dtype_name = a.dtype or settings["dtype"]
-    dtype = getattr(torch, dtype_name)
-    max_new = a.max_new_tokens or settings["max_new_tokens"]
+    settings = read_json(work, "settings.json")
+    prompt_info = read_json(work, "prompt.json")
+    dtype_name, dtype, max_new = reference_settings(a, settings)
     beams, penalty = settings["num_beams"], settings["repetition_penalty"]
-    saved = _load(work, "ours.pt")
+    saved = read_pt(work, "ours.pt")
     _remote_code_shims()
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
-    extra = {}
-    if importlib.util.find_spec("accelerate") is not None:
-        extra["low_cpu_mem_usage"] = True  # without it, 8 B parameters are initialised randomly first
     model = AutoModel.from_pretrained(model_path, trust_remote_code=True, torch_dtype=dtype,
-                                      **extra).eval().to(a.device)
+                                      **low_cpu_mem()).eval().to(a.device)
     image = Image.open(prompt_info["image"]).convert("RGB")
     prompt = chat_prompt(processor.tokenizer, prompt_info["question"])
     if prompt != prompt_info["prompt"]:
@@ -228,56 +206,28 @@ def reference(a: argparse.Namespace) -> None:
     if vision_ours is not None:
         result["features_our_pixels"] = vision_ours[0].float().cpu()
     torch.save(result, os.path.join(work, "reference.pt"))
-    _write_json(work, "reference.json", {
+    write_json(work, "reference.json", {
         "prompt": prompt, "answer": answer, "answer_from_ids": model._decode_text(out, tok)[0],
         "image_bound": inputs["image_bound"][0].tolist(), "dtype": dtype_name, "device": str(a.device),
-        "max_new_tokens": max_new, "num_beams": beams, "repetition_penalty": penalty,
-        "transformers": __import__("transformers").__version__, "torch": torch.__version__})
+        "max_new_tokens": max_new, "num_beams": beams, "repetition_penalty": penalty, **versions()})
     print(f"reference: {ids.shape[1]} prompt tokens, {len(slices)} slices from the checkpoint's processor, "
           f"answer {answer!r}")
-
-
-def rel_max(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|."""
-    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
 
 
 def image_slots(ids: torch.Tensor, pairs: list[list[int]]) -> torch.Tensor:
     """Bool: positions strictly inside an ``<image>`` / ``</image>`` or ``<slice>`` / ``</slice>`` pair."""
     inside = torch.zeros_like(ids, dtype=torch.bool)
     for open_id, close_id in pairs:
-        inside |= ((ids == open_id).long().cumsum(0) > (ids == close_id).long().cumsum(0)) & (ids != open_id)
+        inside |= inside_span(ids, open_id, close_id) & (ids != open_id)
     return inside
-
-
-def _reply(ids: torch.Tensor, stops: set[int]) -> list[int]:
-    # both searches end at a stop id (kept by one, dropped by the other when max_new_tokens ends the search)
-    ids = ids.tolist()
-    return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
 
 
 def compare(a: argparse.Namespace) -> None:
     """Prints and writes compare.json; exits 1 when the token ids differ or top-1 agreement < 99%."""
-    o, r = _load(a.work, "ours.pt"), _load(a.work, "reference.pt")
-    settings = _read_json(a.work, "settings.json")
-    answers = {"ours": _read_json(a.work, "prompt.json").get("answer")}
-    if os.path.exists(os.path.join(a.work, "reference.json")):
-        answers["reference"] = _read_json(a.work, "reference.json").get("answer")
+    o, r, settings, answers = open_compare(a.work)
     result: dict = {}
     problems = []
-
-    oi, ri = o["input_ids"][0].tolist(), r["input_ids"][0].tolist()
-    first = next((k for k, (x, y) in enumerate(zip(oi, ri)) if x != y), None if len(oi) == len(ri) else
-                 min(len(oi), len(ri)))
-    result["ids_identical"] = first is None
-    result["ids_len"] = {"ours": len(oi), "reference": len(ri)}
-    if first is None:
-        print(f"token ids: identical ({len(oi)} tokens)")
-    else:
-        result["ids_first_difference"] = first
-        problems.append(f"token ids differ at position {first}")
-        print(f"token ids: DIFFERENT ({len(oi)} ours, {len(ri)} reference); first difference at position {first}: "
-              f"ours {oi[first:first + 8]}, reference {ri[first:first + 8]}")
+    first = compare_ids(o, r, result, problems)
     if "attention_mask" in r and not bool(r["attention_mask"].all()):
         # the original masks every id 0 ("!" in the Qwen2 vocabulary) as if it were padding; we attend to it
         result["reference_masked_positions"] = int((r["attention_mask"] == 0).sum())
@@ -290,7 +240,7 @@ def compare(a: argparse.Namespace) -> None:
     if ot == rt:
         print(f"slices: {len(ot)}, (rows, cols) identical: {ot}")
     else:
-        bad = next((k for k, (x, y) in enumerate(zip(ot, rt)) if x != y), min(len(ot), len(rt)))
+        bad = first_difference(ot, rt)
         result["tgt_sizes_first_difference"] = bad
         print(f"slices: DIFFERENT (rows, cols): ours {ot}, reference {rt} (first difference at slice {bad})")
         if not problems:
@@ -301,81 +251,29 @@ def compare(a: argparse.Namespace) -> None:
         result["pixels_max_abs"] = float((o["pixel_values"][..., :width].float()
                                           - r["pixel_values"][..., :width].float()).abs().max())
         print(f"pixels: max abs difference {result['pixels_max_abs']:.3e} (normalized units, [-1, 1])")
-    for key, what in (("features", "reference on its own slices"), ("features_our_pixels", "reference on our slices")):
-        if key in r and r[key].shape == o["features"].shape:
-            result[f"{key}_rel"] = rel_max(o["features"], r[key])
-            print(f"vision features vs {what}: relative difference {result[f'{key}_rel']:.2e}")
-
-    # logits at position k depend on ids 0..k only: compare where both saw the same prefix
-    n = min(o["logits"].shape[1], r["logits"].shape[1]) if first is None else first
-    if n:
-        lo, lr = o["logits"][0, :n].float(), r["logits"][0, :n].float()
-        result["logits_rel"] = rel_max(lo, lr)
-        result["logits_max_abs"] = float((lo - lr).abs().max())
-        result["top1_agreement"] = float((lo.argmax(-1) == lr.argmax(-1)).float().mean())
-        result["positions"] = n
-        print(f"logits: relative difference {result['logits_rel']:.2e} (max |a-b| / max |b|), max abs "
-              f"{result['logits_max_abs']:.3e}, top-1 agreement {100 * result['top1_agreement']:.1f}% over {n} "
-              "positions" + ("" if first is None else " (up to the first differing id)"))
-        # the image slots predict nothing meaningful and bf16 logits often tie exactly: both explain a low
-        # agreement without a modelling error, so they are reported apart (they do not decide)
-        top2 = lr.topk(2, dim=-1).values
-        off = lo.argmax(-1) != lr.argmax(-1)
-        result["top1_disagreements_at_reference_ties"] = int((off & (top2[:, 0] == top2[:, 1])).sum())
-        text = ~image_slots(o["input_ids"][0, :n], settings.get("span_pairs", []))
-        if bool(text.any()):
-            result["top1_agreement_text"] = float((~off[text]).float().mean())
-        print(f"  {int(off.sum())} disagreeing positions, {result['top1_disagreements_at_reference_ties']} of them "
-              "exact ties in the reference" + (f"; top-1 agreement outside the image slots "
-                                               f"{100 * result['top1_agreement_text']:.1f}% over {int(text.sum())}"
-                                               if "top1_agreement_text" in result else ""))
-        if result["top1_agreement"] < MIN_AGREEMENT:
-            problems.append(f"top-1 agreement {100 * result['top1_agreement']:.1f}% < {100 * MIN_AGREEMENT:.0f}%")
-    else:
-        print("logits: no common prefix to compare")
-
-    stops = set(settings.get("stop_ids", []))
-    ro, rr = _reply(o["answer_ids"], stops), _reply(r["answer_ids"], stops)
-    result["answer_ids_identical"] = ro == rr
-    result["answers"] = answers
-    print(f"answer ours:      {answers['ours']!r}")
-    print(f"answer reference: {answers.get('reference')!r}")
-    print(f"answer ids: {'identical' if ro == rr else 'different'} ({len(ro)} ours, {len(rr)} reference; "
-          f"{settings.get('num_beams')} beams, repetition penalty {settings.get('repetition_penalty')})")
+    compare_features(o, r, result, "features", "vision features", (
+        ("features", "reference on its own slices"), ("features_our_pixels", "reference on our slices")))
+    compare_logits(o, r, first, result, problems, lambda ids: ~image_slots(ids, settings.get("span_pairs", [])),
+                   "slots", count_text=True)
+    # both searches end at a stop id (kept by one, dropped by the other when max_new_tokens ends the search)
+    same_answer_ids = compare_answers(o, r, settings, answers, result, f"; {settings.get('num_beams')} beams, "
+                                      f"repetition penalty {settings.get('repetition_penalty')}")
     if "reference" in answers:
         result["answer_text_identical"] = answers["ours"] == answers["reference"]
-        if ro == rr and not result["answer_text_identical"]:
+        if same_answer_ids and not result["answer_text_identical"]:
             # the original decodes without skip_special_tokens and drops every id 0 ("!")
             print("answer texts differ on the same ids: the decoding differs, not the model")
 
-    result["settings"] = {k: settings.get(k) for k in ("dtype", "device", "max_new_tokens", "num_beams",
-                                                       "repetition_penalty")}
-    result["match"] = not problems
-    result["problems"] = problems
-    _write_json(a.work, "compare.json", result)
-    print("MATCH" if not problems else "MISMATCH: " + "; ".join(problems) + " (please report it with this output)")
-    sys.exit(0 if not problems else 1)
+    finish(a.work, result, problems, settings, SETTINGS + ("num_beams", "repetition_penalty"))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("ours", "reference", "compare"))
-    p.add_argument("--model_path")
-    p.add_argument("--image")
-    p.add_argument("--question", default="Describe the image in one sentence.")
-    p.add_argument("--work", default="outputs/check_minicpmv_fp")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="ours: default bfloat16; reference: default what the ours step used")
-    p.add_argument("--max_new_tokens", type=int, help="ours: default 32; reference: default what ours used")
+    p = parser(__doc__, "outputs/check_minicpmv_fp")
+    add_run_settings(p)
     p.add_argument("--greedy", action="store_true",
                    help="ours: one beam without repetition penalty instead of chat(sampling=False)'s 3 beams and "
                         "1.2 (the reference step follows)")
-    a = p.parse_args()
-    if a.step != "compare" and not a.model_path:
-        p.error(f"the {a.step} step needs --model_path")
-    if a.step == "ours" and not a.image:
-        p.error("the ours step needs --image")
+    a = parse(p)
     {"ours": ours, "reference": reference, "compare": compare}[a.step](a)
 
 

@@ -33,32 +33,19 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import importlib.util
-import json
 import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the reference step's Python lacks this project
+from check_fp_common import (ROOT, add_run_settings, compare_answers, compare_features, compare_ids,  # noqa: E402
+                             compare_logits, finish, inside_span, low_cpu_mem, open_compare, ours_settings, parse,
+                             parser, read_json, read_pt, reference_settings, versions, write_json, write_settings)
+
 SYSTEM = "You are a helpful assistant."
 # the remote forward cuts the span at the first <imgpad> among its first 255 slots: the path needs a pad after it
 MAX_PATH_BYTES = 254
-MIN_AGREEMENT = 0.99
-
-
-def _load(work: str, name: str) -> dict:
-    return torch.load(os.path.join(work, name), map_location="cpu")
-
-
-def _read_json(work: str, name: str) -> dict:
-    with open(os.path.join(work, name), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(work: str, name: str, data: dict) -> None:
-    with open(os.path.join(work, name), "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
 
 
 def ours(a: argparse.Namespace) -> None:
@@ -72,8 +59,7 @@ def ours(a: argparse.Namespace) -> None:
     if len(path.encode("utf-8")) > MAX_PATH_BYTES:
         raise SystemExit(f"{path} is {len(path.encode('utf-8'))} bytes long; the original model reads the image "
                          f"path out of the prompt and takes at most {MAX_PATH_BYTES}: use a shorter path")
-    dtype = getattr(torch, a.dtype or "bfloat16")
-    max_new = a.max_new_tokens or 32
+    dtype, max_new = ours_settings(a)
     model, proc = load(a.model_path, a.device, dtype)
     tok = proc.tokenizer
     inputs = proc(a.question, [Image.open(path)], image_paths=[path])
@@ -91,14 +77,9 @@ def ours(a: argparse.Namespace) -> None:
     os.makedirs(a.work, exist_ok=True)
     torch.save({"input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "vit": vit,
                 "logits": logits, "answer_ids": answer_ids}, os.path.join(a.work, "ours.pt"))
-    _write_json(a.work, "prompt.json", {"text": text, "query": query, "image": path, "question": a.question,
-                                        "answer": proc.decode(answer_ids)})
-    # the reference step runs without this project: it takes its settings and the stop ids from here
-    _write_json(a.work, "settings.json", {
-        "model_path": os.path.abspath(a.model_path), "dtype": str(dtype).removeprefix("torch."),
-        "device": str(a.device), "max_new_tokens": max_new, "stop_ids": [*tok.stop_ids, tok.eod_id],
-        "image_start_id": tok.img_start_id,
-        "torch": torch.__version__})
+    write_json(a.work, "prompt.json", {"text": text, "query": query, "image": path, "question": a.question,
+                                       "answer": proc.decode(answer_ids)})
+    write_settings(a, dtype, max_new, stop_ids=[*tok.stop_ids, tok.eod_id], image_start_id=tok.img_start_id)
     print(f"ours: {n} prompt tokens, answer {proc.decode(answer_ids)!r}")
 
 
@@ -118,12 +99,10 @@ def reference(a: argparse.Namespace) -> None:
 
     work = os.path.abspath(a.work)
     model_path = os.path.abspath(a.model_path)
-    settings = _read_json(work, "settings.json")
-    prompt = _read_json(work, "prompt.json")
-    dtype_name = a.dtype or settings["dtype"]
-    dtype = getattr(torch, dtype_name)
-    max_new = a.max_new_tokens or settings["max_new_tokens"]
-    saved = _load(work, "ours.pt")
+    settings = read_json(work, "settings.json")
+    prompt = read_json(work, "prompt.json")
+    dtype_name, dtype, max_new = reference_settings(a, settings)
+    saved = read_pt(work, "ours.pt")
     os.chdir(work)  # see the module docstring: SimSun.ttf
     font = os.path.join(model_path, "SimSun.ttf")
     if os.path.isfile(font) and not os.path.exists("SimSun.ttf"):
@@ -138,11 +117,8 @@ def reference(a: argparse.Namespace) -> None:
     # the remote __init__ casts by these flags (and asserts at most one is set), not by torch_dtype alone;
     # all three are given so that a checkpoint config with fp16=true cannot clash with the chosen dtype
     flags = {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16, "fp32": dtype == torch.float32}
-    extra = {}
-    if importlib.util.find_spec("accelerate") is not None:
-        extra["low_cpu_mem_usage"] = True  # without it, 9.7 B parameters are initialised randomly first
     model = AutoModelForCausalLM.from_pretrained(model_path, trust_remote_code=True, torch_dtype=dtype, **flags,
-                                                 **extra).eval().to(a.device)
+                                                 **low_cpu_mem()).eval().to(a.device)
     make_context, decode_tokens = _remote_helpers(model)
     path, question = prompt["image"], prompt["question"]
     query = tok.from_list_format([{"image": path}, {"text": question}])
@@ -172,47 +148,17 @@ def reference(a: argparse.Namespace) -> None:
                            verbose=False, errors="replace")
     torch.save({"input_ids": input_ids.cpu(), "pixel_values": pix, "vit": vit, "vit_our_pixels": vit_our_pixels,
                 "logits": logits, "answer_ids": out[0, len(ids):].cpu()}, os.path.join(work, "reference.pt"))
-    _write_json(work, "reference.json", {"text": raw_text, "query": query, "answer": answer, "dtype": dtype_name,
-                                         "device": str(a.device), "max_new_tokens": max_new,
-                                         "transformers": __import__("transformers").__version__,
-                                         "torch": torch.__version__})
+    write_json(work, "reference.json", {"text": raw_text, "query": query, "answer": answer, "dtype": dtype_name,
+                                        "device": str(a.device), "max_new_tokens": max_new, **versions()})
     print(f"reference: {len(ids)} prompt tokens from the checkpoint's tokenizer, answer {answer!r}")
-
-
-def rel_max(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |x - ref| / max |ref|."""
-    return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
-
-
-def _reply(ids: torch.Tensor, stops: set[int]) -> list[int]:
-    # the remote generate adds an <|endoftext|> after the stop word; ours stops at the stop word
-    ids = ids.tolist()
-    return ids[:next((k for k, t in enumerate(ids) if t in stops), len(ids))]
 
 
 def compare(a: argparse.Namespace) -> None:
     """Prints and writes compare.json; exits 1 when the token ids differ or top-1 agreement < 99%."""
-    o, r = _load(a.work, "ours.pt"), _load(a.work, "reference.pt")
-    settings = _read_json(a.work, "settings.json")
-    answers = {"ours": _read_json(a.work, "prompt.json").get("answer")}
-    if os.path.exists(os.path.join(a.work, "reference.json")):
-        answers["reference"] = _read_json(a.work, "reference.json").get("answer")
+    o, r, settings, answers = open_compare(a.work)
     result: dict = {}
     problems = []
-
-    oi, ri = o["input_ids"][0].tolist(), r["input_ids"][0].tolist()
-    first = next((k for k, (x, y) in enumerate(zip(oi, ri)) if x != y), None if len(oi) == len(ri) else
-                 min(len(oi), len(ri)))
-    result["ids_identical"] = first is None
-    result["ids_len"] = {"ours": len(oi), "reference": len(ri)}
-    if first is None:
-        print(f"token ids: identical ({len(oi)} tokens)")
-    else:
-        result["ids_first_difference"] = first
-        problems.append(f"token ids differ at position {first}")
-        print(f"token ids: DIFFERENT ({len(oi)} ours, {len(ri)} reference); first difference at position {first}: "
-              f"ours {oi[first:first + 8]}, reference {ri[first:first + 8]}")
-
+    first = compare_ids(o, r, result, problems)
     if "pixel_values" in r:
         if o["pixel_values"].shape == r["pixel_values"].shape:
             result["pixels_max_abs"] = float((o["pixel_values"].float() - r["pixel_values"].float()).abs().max())
@@ -220,74 +166,20 @@ def compare(a: argparse.Namespace) -> None:
         else:
             print(f"pixels: shapes differ, ours {tuple(o['pixel_values'].shape)}, "
                   f"reference {tuple(r['pixel_values'].shape)}")
-    for key, what in (("vit", "reference ViT on its own pixels"), ("vit_our_pixels", "reference ViT on our pixels")):
-        if key in r and r[key].shape == o["vit"].shape:
-            result[f"{key}_rel"] = rel_max(o["vit"], r[key])
-            print(f"ViT features vs {what}: relative difference {result[f'{key}_rel']:.2e}")
-
-    # logits at position k depend on ids 0..k only: compare where both saw the same prefix
-    n = min(o["logits"].shape[1], r["logits"].shape[1]) if first is None else first
-    if n:
-        lo, lr = o["logits"][0, :n].float(), r["logits"][0, :n].float()
-        result["logits_rel"] = rel_max(lo, lr)
-        result["logits_max_abs"] = float((lo - lr).abs().max())
-        result["top1_agreement"] = float((lo.argmax(-1) == lr.argmax(-1)).float().mean())
-        result["positions"] = n
-        print(f"logits: relative difference {result['logits_rel']:.2e} (max |a-b| / max |b|), max abs "
-              f"{result['logits_max_abs']:.3e}, top-1 agreement {100 * result['top1_agreement']:.1f}% over {n} "
-              "positions" + ("" if first is None else " (up to the first differing id)"))
-        # in bf16 the reference often has exact ties, and the 256 image slots predict nothing meaningful: both
-        # explain a low agreement without a modelling error, so they are reported apart (they do not decide)
-        top2 = lr.topk(2, dim=-1).values
-        off = lo.argmax(-1) != lr.argmax(-1)
-        result["top1_disagreements_at_reference_ties"] = int((off & (top2[:, 0] == top2[:, 1])).sum())
-        start = settings.get("image_start_id")
-        if start is not None:
-            ids = o["input_ids"][0, :n]
-            text = ~((ids == start).long().cumsum(0) > (ids == start + 1).long().cumsum(0))
-            if bool(text.any()):
-                result["top1_agreement_text"] = float((~off[text]).float().mean())
-        print(f"  {int(off.sum())} disagreeing positions, {result['top1_disagreements_at_reference_ties']} of them "
-              "exact ties in the reference" + (f"; top-1 agreement outside the image spans "
-                                               f"{100 * result['top1_agreement_text']:.1f}%"
-                                               if "top1_agreement_text" in result else ""))
-        if result["top1_agreement"] < MIN_AGREEMENT:
-            problems.append(f"top-1 agreement {100 * result['top1_agreement']:.1f}% < {100 * MIN_AGREEMENT:.0f}%")
-    else:
-        print("logits: no common prefix to compare")
-
-    stops = set(settings.get("stop_ids", []))
-    ro, rr = _reply(o["answer_ids"], stops), _reply(r["answer_ids"], stops)
-    result["answer_ids_identical"] = ro == rr
-    result["answers"] = answers
-    print(f"answer ours:      {answers['ours']!r}")
-    print(f"answer reference: {answers.get('reference')!r}")
-    print(f"answer ids: {'identical' if ro == rr else 'different'} ({len(ro)} ours, {len(rr)} reference)")
-
-    result["settings"] = {k: settings.get(k) for k in ("dtype", "device", "max_new_tokens")}
-    result["match"] = not problems
-    result["problems"] = problems
-    _write_json(a.work, "compare.json", result)
-    print("MATCH" if not problems else "MISMATCH: " + "; ".join(problems) + " (please report it with this output)")
-    sys.exit(0 if not problems else 1)
+    compare_features(o, r, result, "vit", "ViT features", (("vit", "reference ViT on its own pixels"),
+                                                           ("vit_our_pixels", "reference ViT on our pixels")))
+    start = settings.get("image_start_id")
+    compare_logits(o, r, first, result, problems,
+                   lambda ids: None if start is None else ~inside_span(ids, start, start + 1), "spans")
+    # the remote generate adds an <|endoftext|> after the stop word; ours stops at the stop word
+    compare_answers(o, r, settings, answers, result)
+    finish(a.work, result, problems, settings)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("ours", "reference", "compare"))
-    p.add_argument("--model_path")
-    p.add_argument("--image")
-    p.add_argument("--question", default="Describe the image in one sentence.")
-    p.add_argument("--work", default="outputs/check_qwenvl_fp")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                   help="ours: default bfloat16; reference: default what the ours step used")
-    p.add_argument("--max_new_tokens", type=int, help="ours: default 32; reference: default what ours used")
-    a = p.parse_args()
-    if a.step != "compare" and not a.model_path:
-        p.error(f"the {a.step} step needs --model_path")
-    if a.step == "ours" and not a.image:
-        p.error("the ours step needs --image")
+    p = parser(__doc__, "outputs/check_qwenvl_fp")
+    add_run_settings(p)
+    a = parse(p)
     {"ours": ours, "reference": reference, "compare": compare}[a.step](a)
 
 
