@@ -22,6 +22,7 @@ from model.glm4v import adapter as glm_adapter
 from model.glm4v.loading import load
 from model.glm4v.tiny import write_checkpoint
 from tests import DEVICE
+from tests.helpers import logits, rel, stored_tensors
 
 
 @pytest.fixture(scope="module")
@@ -42,26 +43,6 @@ def fresh(ld):
 def batches(ld, n=2, seed=11):
     ad = registry.get("glm4v")
     return [ad.build_inputs(ld, Sample([r["image"]], r["question"]), DEVICE) for r in builtin_rows(n, seed=seed)]
-
-
-def logits(model, bs):
-    with torch.no_grad():
-        return torch.cat([model(**b, use_cache=False).logits[0] for b in bs])
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def stored_tensors(path):
-    from safetensors import safe_open
-
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
-    out = {}
-    for fname in sorted(set(index.values())):
-        with safe_open(os.path.join(path, fname), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

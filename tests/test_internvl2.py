@@ -8,18 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.builtin import builtin_rows
 from fake_quant import pipeline
 from fake_quant import rotation_utils as ru
 from fake_quant.config import QuantConfig
 from model import registry
-from model.base import Loaded, Sample
+from model.base import Loaded
 from model.internvl2 import adapter as ivl_adapter
 from model.internvl2 import processor as ivp
 from model.internvl2.loading import load
 from model.internvl2.modeling import pixel_shuffle
 from model.internvl2.tiny import ADDED_TOKENS, write_checkpoint
 from tests import DEVICE, main
+from tests.helpers import batches, logits, rel, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 KINDS = ("internlm2", "qwen2")
@@ -35,34 +35,15 @@ def loaded(folder):
     return Loaded(model, proc, folder)
 
 
-def batches(ad, ld, n=3, seed=11):
-    return [ad.build_inputs(ld, Sample([r["image"]], r["question"]), DEVICE) for r in builtin_rows(n, seed=seed)]
-
-
-def logits(model, bs):
-    with torch.no_grad():
-        return torch.cat([model(**b, use_cache=False).logits[0] for b in bs])
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_checkpoint_loads_every_tensor_by_its_original_name(folders, kind):
-    from safetensors import safe_open
-
     folder = folders[kind]
     ld = loaded(folder)
     state = ld.model.state_dict()
-    stored = {}
-    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]
-    for fname in sorted(set(index.values())):
-        with safe_open(os.path.join(folder, fname), "pt") as f:
-            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    stored = stored_tensors(folder)
     assert set(stored) == set(state)
     assert all(torch.equal(stored[k], state[k].cpu()) for k in stored)
     # original names, e.g. InternLM2's packed grouped-query projection and InternViT's LayerScale

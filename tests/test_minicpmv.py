@@ -24,6 +24,7 @@ from model.minicpmv.tiny import write_checkpoint
 from model.minicpmv.vision import position_ids
 from model.resampler import sincos_2d
 from tests import DEVICE, main
+from tests.helpers import logits, rel, rotated, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -50,26 +51,11 @@ def batches(ad, ld):
     return [ad.build_inputs(ld, Sample([im], q), DEVICE) for im, q in zip(images(), ("What is it?", "Red?", "Count"))]
 
 
-def logits(model, bs):
-    with torch.no_grad():
-        return torch.cat([model(**b, use_cache=False).logits[0] for b in bs])
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 # ---------------------------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------------------------
 def test_checkpoint_in_the_original_format_loads(folder):
-    from safetensors import safe_open
-
-    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]
-    stored = {}
-    for fname in sorted(set(index.values())):
-        with safe_open(os.path.join(folder, fname), "pt") as f:
-            stored.update({k: f.get_tensor(k) for k in f.keys()})
+    stored = stored_tensors(folder)
     d = 384
     assert stored["resampler.attn.in_proj_weight"].shape == (3 * d, d) and stored["resampler.proj"].shape == (d, d)
     assert stored["vpm.embeddings.position_embedding.weight"].shape == (36, 48)  # 6 x 6 patches
@@ -266,21 +252,13 @@ def test_beam_search_matches_transformers_generate_from_embeddings(folder):
 # ---------------------------------------------------------------------------------------------
 # rotation, AIFS, the pipeline
 # ---------------------------------------------------------------------------------------------
-def _rotated(ad, base):
-    rot = Loaded(copy.deepcopy(base.model), base.processor, base.path)
-    cfg = QuantConfig()
-    r = cfg.rotation
-    r.rotate = r.visual = r.visual_cross_attn = r.llm = r.online_visual_hadamard = r.online_llm_hadamard = True
-    return rot, pipeline.run(cfg, ad, rot, [], [])
-
-
 def test_rotation_keeps_logits_on_multi_slice_images(folder, monkeypatch):
     ad = registry.get("minicpmv")
     base = loaded(folder)
     bs = batches(ad, base)
     assert bs[0]["tgt_sizes"].shape[0] > 1  # a sliced image
     ref = logits(base.model, bs)
-    rot, report = _rotated(ad, base)
+    rot, report = rotated(ad, base)
     assert rel(logits(rot.model, bs), ref) <= 1e-4
     assert len(report.rotation["visual"]["online_hadamard"]) == 2 and report.rotation["connector"]["rotate_ov"]
     assert isinstance(rot.model.vpm.post_layernorm, ru.RMSNorm) and rot.model.vpm.post_layernorm.center is None
@@ -292,11 +270,11 @@ def test_rotation_keeps_logits_on_multi_slice_images(folder, monkeypatch):
         return [dataclasses.replace(s, attn=dataclasses.replace(s.attn, num_heads=4, num_kv_heads=4, head_dim=96))]
 
     monkeypatch.setattr(mcv_adapter.MiniCPMVAdapter, "attention_sites", wrong_heads)
-    assert rel(logits(_rotated(ad, base)[0].model, bs), ref) > 1e-3
+    assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-3
     monkeypatch.undo()
     stack = mcv_adapter.vision_stack
     monkeypatch.setattr(mcv_adapter, "vision_stack", lambda m: dataclasses.replace(stack(m), readers=()))
-    assert rel(logits(_rotated(ad, base)[0].model, bs), ref) > 1e-2
+    assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-2
 
 
 def test_aifs_is_invariant_on_sliced_images_and_msq_scales_do_not_depend_on_it(folder):

@@ -11,18 +11,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.builtin import builtin_rows
 from fake_quant import pipeline
 from fake_quant import rotation_utils as ru
 from fake_quant.config import QuantConfig
 from model import registry
-from model.base import Loaded, Sample
+from model.base import Loaded
 from model.qwenvl import adapter as qvl_adapter
 from model.qwenvl.loading import load
 from model.qwenvl.qwen import ntk_alpha
 from model.qwenvl.tiny import write_checkpoint
 from model.resampler import sincos_2d
 from tests import DEVICE, main
+from tests.helpers import batches, logits, rel, rotated, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -35,30 +35,6 @@ def folder(tmp_path_factory):
 def loaded(path):
     model, proc = load(path, DEVICE, torch.float32)
     return Loaded(model, proc, path)
-
-
-def batches(ad, ld, n=3, seed=11):
-    return [ad.build_inputs(ld, Sample([r["image"]], r["question"]), DEVICE) for r in builtin_rows(n, seed=seed)]
-
-
-def logits(model, bs):
-    with torch.no_grad():
-        return torch.cat([model(**b, use_cache=False).logits[0] for b in bs])
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def stored_tensors(path):
-    from safetensors import safe_open
-
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
-    out = {}
-    for fname in sorted(set(index.values())):
-        with safe_open(os.path.join(path, fname), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,20 +256,12 @@ def test_generate_matches_full_forward(folder):
 # ---------------------------------------------------------------------------------------------
 # rotation, AIFS, the pipeline
 # ---------------------------------------------------------------------------------------------
-def _rotated(ad, base):
-    rot = Loaded(copy.deepcopy(base.model), base.processor, base.path)
-    cfg = QuantConfig()
-    r = cfg.rotation
-    r.rotate = r.visual = r.visual_cross_attn = r.llm = r.online_visual_hadamard = r.online_llm_hadamard = True
-    return rot, pipeline.run(cfg, ad, rot, [], [])
-
-
 def test_rotation_of_both_stacks_and_the_resampler_keeps_logits(folder):
     ad = registry.get("qwenvl")
     base = loaded(folder)
     bs = batches(ad, base)
     ref = logits(base.model, bs)
-    rot, report = _rotated(ad, base)
+    rot, report = rotated(ad, base)
     assert rel(logits(rot.model, bs), ref) <= 1e-4
     rm = rot.model
     assert len(report.rotation["visual"]["online_hadamard"]) == 2 == len(report.rotation["llm"]["online_hadamard"])
@@ -322,9 +290,9 @@ def test_rotation_negative_controls(folder, monkeypatch):
             s.block.attn, qkv_layout="blocked")))
 
     monkeypatch.setattr(qvl_adapter, "vision_stack", blocked)
-    assert rel(logits(_rotated(ad, base)[0].model, bs), ref) > 1e-2
+    assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-2
     monkeypatch.setattr(qvl_adapter, "vision_stack", lambda m: dataclasses.replace(vision(m), keep_mean=False))
-    assert rel(logits(_rotated(ad, base)[0].model, bs), ref) > 1e-3
+    assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-3
     monkeypatch.undo()
     sites = qvl_adapter.QwenVLAdapter.attention_sites
 
@@ -333,7 +301,7 @@ def test_rotation_negative_controls(folder, monkeypatch):
         return [dataclasses.replace(s, attn=dataclasses.replace(s.attn, num_heads=4, num_kv_heads=4, head_dim=96))]
 
     monkeypatch.setattr(qvl_adapter.QwenVLAdapter, "attention_sites", wrong_heads)
-    assert rel(logits(_rotated(ad, base)[0].model, bs), ref) > 1e-3
+    assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-3
 
 
 def test_aifs_is_invariant_and_msq_scales_do_not_depend_on_it(folder):
