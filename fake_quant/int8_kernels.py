@@ -1,0 +1,235 @@
+"""Int8 GEMM kernels behind one small interface, and the activation quantizers that feed them.
+
+Every kernel multiplies uint8 activation codes by int8 weight codes (per-output-channel scales) and
+returns floating point. An activation grid is ``(scale, zero)`` on uint8: ``clamp(round(x / scale) +
+zero, 0, 255)``; a symmetric int8 grid is the same with ``zero = 128`` (the codes shifted by 128), so
+both signed and unsigned calibrated grids run on the same u8 x s8 kernels.
+
+* ``onednn``: ``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise`` -- one static per-tensor scale
+  per call, fp32 or bf16 out. Fed u8 (not s8): on a CPU with VNNI but no AMX oneDNN 3.12 has no fast
+  s8 x s8 matmul and runs its reference loop (``ref_int8``; 13 s for 256x1536x1536 on the development
+  machine), while u8 x s8 runs ``brg_matmul:avx512_core_vnni``.
+* ``fbgemm``: ``torch.ops.quantized.linear_prepack`` + ``linear_with_input_q_dq_qweight_dq_output_fp32``
+  -- fp32 in, the static quantization done inside the kernel, fp32 out. Without VNNI its u8 x s8 pair
+  products are summed in int16 and can saturate for 8-bit weights; ``reduce_range`` then puts the
+  activations on a 7-bit grid (see :class:`FbgemmInt8Linear`).
+
+Dynamic per-token quantization runs through the same kernels: the row scales are computed at run time,
+the kernel is called with scale 1 and the rows are rescaled afterwards (the bias is added after that).
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from .qparams import MIN_SCALE
+
+U8_MAX = 255
+SIGNED_ZERO = 128  # a symmetric int8 grid on uint8
+
+
+class KernelUnavailable(RuntimeError):
+    """The torch build lacks an op a kernel needs (the message names it)."""
+
+
+def _op(namespace: str, name: str):
+    """``torch.ops.<namespace>.<name>``, or :class:`KernelUnavailable` naming it."""
+    try:
+        return getattr(getattr(torch.ops, namespace), name)
+    except (AttributeError, RuntimeError):
+        raise KernelUnavailable(
+            f"torch.ops.{namespace}.{name} is missing from this torch build ({torch.__version__}); real int8 "
+            "execution needs a torch CPU build with oneDNN (USE_MKLDNN) or fbgemm (USE_FBGEMM), e.g. the official "
+            "x86-64 wheels") from None
+
+
+def require_ops(backend: str) -> None:
+    """Fail early, naming the missing op, when this torch cannot run ``backend``."""
+    needed = {"onednn": [("onednn", "qlinear_prepack"), ("onednn", "qlinear_pointwise")],
+              "fbgemm": [("quantized", "linear_prepack"),
+                         ("quantized", "linear_with_input_q_dq_qweight_dq_output_fp32")]}[backend]
+    for ns, name in needed:
+        _op(ns, name)
+    if backend == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise KernelUnavailable("the fbgemm quantized engine is not in this torch build "
+                                f"(torch.backends.quantized.supported_engines = "
+                                f"{torch.backends.quantized.supported_engines}); use the onednn backend")
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantizers (eager: one op per step; compiled: one fused loop)
+# ---------------------------------------------------------------------------------------------
+def quantize_u8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero, 0, 255)`` as uint8, computed in float32 like the fake quantizer."""
+    q = x.float() / scale
+    q = q.round_().add_(zero).clamp_(0, U8_MAX)
+    return q.to(torch.uint8)
+
+
+def quantize_rows_u8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token: each row's scale from its absolute maximum (times ``clip``), then
+    the codes shifted onto uint8. Returns ``(codes, scales [rows, 1])``."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(MIN_SCALE)
+    q = (xf / scale).round_().add_(SIGNED_ZERO).clamp_(0, U8_MAX)
+    return q.to(torch.uint8), scale
+
+
+def quantize_rows_float(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`quantize_rows_u8`, but the signed codes stay float32 (fbgemm quantizes its input itself,
+    and does it exactly for integer values at scale 1)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(MIN_SCALE)
+    return (xf / scale).round_().clamp_(-128, 127), scale
+
+
+def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Signed codes on ``[qmin, qmax]`` as float32 (fbgemm's reduced-range input)."""
+    return (x.float() / scale).round_().clamp_(qmin, qmax)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def quantizer(name: str, fuse: bool) -> Callable:
+    """The eager function, or its ``torch.compile`` version (one fused loop over the input; compiled once,
+    with dynamic shapes, and shared by every layer since scales are passed as tensors)."""
+    fn = {"u8": quantize_u8, "rows_u8": quantize_rows_u8, "rows_float": quantize_rows_float,
+          "float_grid": quantize_float_grid}[name]
+    if not fuse:
+        return fn
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _COMPILED[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+class Int8Linear:
+    """int8 weight codes ``[out, in]`` with per-output-channel scales and an optional fp32 bias."""
+
+    name = "base"
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool) -> None:
+        if codes.dtype != torch.int8 or codes.dim() != 2:
+            raise ValueError(f"weight codes must be a 2-D int8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+        self.out_features, self.in_features = codes.shape
+        self.w_scale = w_scale.detach().float().reshape(-1).contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.fuse = fuse
+
+    def static(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``x [rows, in]`` on the uint8 grid ``(scale, zero)`` (0-d float32 tensors), times the weight, plus bias."""
+        raise NotImplementedError
+
+    def dynamic(self, x: torch.Tensor, clip: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """``x [rows, in]`` quantized per row (symmetric, scales from the rows now), times the weight, plus bias."""
+        raise NotImplementedError
+
+    def _rescale(self, y: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        y = y.mul_(row_scale)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.to(out_dtype)
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features
+
+
+class OneDNNInt8Linear(Int8Linear):
+    name = "onednn"
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool) -> None:
+        super().__init__(codes, w_scale, bias, fuse)
+        require_ops("onednn")
+        self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
+        self.w_zero = torch.zeros(self.out_features, dtype=torch.long)
+        self._q = quantizer("u8", fuse)
+        self._q_rows = quantizer("rows_u8", fuse)
+
+    def matmul(self, q: torch.Tensor, x_scale: float, x_zero: int, bias: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, self.packed, self.w_scale, self.w_zero, bias,
+                                                  1.0, 0, out_dtype, "none", [], "")
+
+    def static(self, x, scale, zero, out_dtype):
+        q = self._q(x, scale, zero)
+        return self.matmul(q, float(scale), int(zero), self.bias, out_dtype)
+
+    def dynamic(self, x, clip, out_dtype):
+        q, row_scale = self._q_rows(x, clip)
+        y = self.matmul(q, 1.0, SIGNED_ZERO, None, torch.float32)
+        return self._rescale(y, row_scale, out_dtype)
+
+
+@contextmanager
+def _engine(name: str):
+    """Prepack with a given quantized engine (the packed weight then dispatches on its own type)."""
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+class FbgemmInt8Linear(Int8Linear):
+    """fbgemm's static fp32-in / fp32-out int8 linear.
+
+    ``reduce_range``: fbgemm's u8 x s8 kernel on a CPU without VNNI sums pairs of products in int16
+    (``vpmaddubsw``), which saturates when two large activation codes meet two large 8-bit weights. Then
+    the activations are put on a 7-bit grid (``[-64, 63]`` at twice the scale; codes shifted by 64), which
+    cannot saturate -- at the price of one activation bit, so such a layer no longer equals the fake-quant
+    model exactly. 4-bit weights never saturate and never need it.
+    """
+
+    name = "fbgemm"
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool,
+                 reduce_range: bool = False, dynamic: bool = False) -> None:
+        super().__init__(codes, w_scale, bias, fuse)
+        require_ops("fbgemm")
+        self.reduce_range = reduce_range
+        with warnings.catch_warnings(), _engine("fbgemm"):
+            # fbgemm's prepack takes a quantized tensor; the deprecation of those tensors is not ours to act on
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch._make_per_channel_quantized_tensor(codes.contiguous(), self.w_scale.double(),
+                                                          torch.zeros(self.out_features, dtype=torch.long), 0)
+            # dynamic rows and the reduced range rescale the kernel's output, so their bias is added after that
+            self.bias_in_kernel = not (reduce_range or dynamic)
+            self.packed = torch.ops.quantized.linear_prepack(qw, self.bias if self.bias_in_kernel else None)
+        self._q_rows = quantizer("rows_float", fuse)
+        self._q_grid = quantizer("float_grid", fuse)
+
+    def _run(self, x: torch.Tensor, x_scale: float, x_zero: int, packed) -> torch.Tensor:
+        x = x if x.dtype == torch.float32 else x.float()
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.contiguous(), x_scale, x_zero,
+                                                                                   packed)
+
+    def static(self, x, scale, zero, out_dtype):
+        if not self.reduce_range:
+            self._bias_kind(True)
+            return self._run(x, float(scale), int(zero), self.packed).to(out_dtype)
+        if int(zero) != SIGNED_ZERO:
+            raise ValueError("fbgemm's reduced range serves symmetric activations only (drop --a_asym)")
+        self._bias_kind(False)
+        codes = self._q_grid(x, scale * 2, -64, 63)
+        y = self._run(codes, 1.0, 64, self.packed)
+        return self._rescale(y, scale * 2, out_dtype)
+
+    def dynamic(self, x, clip, out_dtype):
+        self._bias_kind(False)
+        codes, row_scale = self._q_rows(x, clip)
+        y = self._run(codes, 1.0, SIGNED_ZERO, self.packed)
+        return self._rescale(y, row_scale, out_dtype)
+
+    def _bias_kind(self, in_kernel: bool) -> None:
+        if self.bias is not None and in_kernel != self.bias_in_kernel:
+            raise RuntimeError("this fbgemm weight was packed for the other activation mode (static / dynamic)")
+
+
+KERNELS = {"onednn": OneDNNInt8Linear, "fbgemm": FbgemmInt8Linear}

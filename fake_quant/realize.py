@@ -1,0 +1,393 @@
+"""Realization: the calibrated fake-quant linears become int8 kernels that compute the same thing.
+
+After :func:`fake_quant.pipeline.run` every quantized linear holds weights on an integer grid (their
+scales in ``weight_scale``) and, with static activations, frozen activation scales. :func:`realize`
+replaces each such :class:`~fake_quant.quant_utils.QuantLinear` by a :class:`RealQuantLinear`:
+
+    [online Hadamard, unchanged]  ->  quantize to uint8 with the frozen scale  ->  u8 x s8 int8 GEMM  ->  fp
+
+* static, one scale set: one quantize pass and one kernel call; no statistic of the input is computed;
+* static, several scale sets (MSQ, the sink set): the rows of each set are found once per forward from
+  the shared :class:`~fake_quant.quant_utils.RowGroupContext`. ``layout="slices"`` (the model reorders
+  visual tokens first, AIFS) runs each contiguous run of rows as a view of the input; ``layout="gather"``
+  (no AIFS) gathers each set's rows, runs them and scatters the outputs back;
+* dynamic per-token (the baseline): row scales from the rows at run time, then the same kernel.
+
+Weights of any width up to 8 bits run on the int8 kernel (4-bit values are int8 codes in [-8, 7]): the
+arithmetic is that of the fake-quant model, the memory of int8. Layers that stay in floating point
+(``lm_head``, an RMS branch kept in FP, anything not quantized) are left alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import cpu_isa
+from .config import FP_BITS, QuantConfig
+from .int8_kernels import KERNELS, SIGNED_ZERO, Int8Linear, KernelUnavailable, require_ops
+from .qparams import Granularity
+from .quant_utils import QuantLinear, RowGroupContext
+from .spec import set_module
+
+log = logging.getLogger("mquant")
+
+BACKENDS = ("auto", "onednn", "fbgemm")
+LAYOUTS = ("slices", "gather")
+# the rows of the largest scale set run as one call over all rows when the others are at most this
+# fraction (their rows are then computed again with their own scale and written over): no output copy
+MAJORITY_PASS_FRACTION = 0.125
+
+
+@dataclass
+class RealizeOptions:
+    backend: str = "auto"       # "auto": oneDNN on a CPU with VNNI or AMX, fbgemm otherwise
+    fuse: bool = False          # torch.compile the activation quantization into one loop per layer call
+    layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS) or "gather"
+    majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
+    reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
+
+
+@dataclass
+class RealizeReport:
+    backend: str
+    isa: str
+    layers: dict[str, str] = field(default_factory=dict)  # realized path -> "static xG" / "dynamic"
+    kept_fp: list[str] = field(default_factory=list)
+    reduce_range: list[str] = field(default_factory=list)
+    weight_bits: dict[int, int] = field(default_factory=dict)  # bits -> layers
+    int8_weight_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "isa": self.isa, "layers": self.layers, "kept_fp": self.kept_fp,
+                "reduce_range": self.reduce_range, "weight_bits": self.weight_bits,
+                "int8_weight_bytes": self.int8_weight_bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# which settings a kernel serves (checked on the config, before any work)
+# ---------------------------------------------------------------------------------------------
+def config_errors(cfg: QuantConfig) -> list[str]:
+    """Why ``--real_quant`` cannot run these settings, each message naming the flag to change."""
+    errs: list[str] = []
+    parts = [p for p in cfg.parts() if cfg.part(p.name) is not None or (p.name == "visual" and cfg.connector)]
+    if not parts:
+        errs.append("--real_quant needs a quantized part (--quant with --quant_llm / --quant_visual_clip)")
+    for p in parts:
+        w, a = p.weight, p.act
+        if a.bits != 8 and a.bits < FP_BITS:
+            errs.append(f"--real_quant runs 8-bit activations only, got {p.flag('a_bits')} {a.bits}: no int8 kernel "
+                        f"multiplies A{a.bits}; use {p.flag('a_bits')} 8 or drop --real_quant")
+        if not a.enabled:
+            errs.append(f"--real_quant needs quantized activations ({p.flag('a_bits')} 8): weight-only "
+                        f"quantization has no int8 x int8 kernel here")
+        if not w.enabled:
+            errs.append(f"--real_quant needs quantized weights: set {p.flag('w_bits')} to 8 or less "
+                        f"(got {w.bits}, floating point)")
+        elif w.bits > 8:
+            errs.append(f"--real_quant runs weights of at most 8 bits, got {p.flag('w_bits')} {w.bits}")
+        if w.group_size > 0:
+            errs.append(f"--real_quant runs per-channel weight scales; {p.flag('w_groupsize')} {w.group_size} "
+                        "(group-wise) has no kernel here: drop --w_groupsize")
+        if w.enabled and not w.symmetric and w.bits > 7:
+            errs.append(f"--real_quant: asymmetric {w.bits}-bit weights (--w_asym) do not fit int8 codes; use "
+                        "symmetric weights or at most 7 bits")
+        if a.group_size > 0:
+            errs.append(f"--real_quant: group-wise activations ({p.flag('a_groupsize')} {a.group_size}) have no "
+                        "kernel; use per-tensor static (--" + p.name + "_static) or per-token dynamic activations")
+        if not a.static and a.per_tensor:
+            errs.append(f"--real_quant: dynamic per-tensor activations ({p.flag('act_per_tensor')}) are not "
+                        f"realized; use static scales ({p.flag('static')}) or per-token dynamic ones")
+        if not a.static and not a.symmetric:
+            errs.append("--real_quant: dynamic activations run symmetric per-token; drop --a_asym or use "
+                        f"static scales ({p.flag('static')})")
+        if not a.static and a.observer != "minmax":
+            errs.append(f"--real_quant: dynamic activations use the min-max rule, not the {a.observer!r} observer")
+    return errs
+
+
+def choose_backend(name: str = "auto") -> str:
+    """The kernel family for this CPU (``auto``) or the one asked for, after checking its ops exist."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown real-quant backend {name!r}; use one of {BACKENDS}")
+    if name == "auto":
+        isa = cpu_isa.detect()
+        name = "onednn" if (isa.vnni or isa.amx) else "fbgemm"
+    require_ops(name)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# rows of each scale set, once per forward
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RowPlan:
+    rows: int
+    runs: list[tuple[int, int, int]]           # (start, stop, scale set) of each maximal run
+    members: dict[int, torch.Tensor]           # scale set -> its row indices (for the gather layout)
+    counts: dict[int, int]
+
+    @property
+    def majority(self) -> int:
+        return max(self.counts, key=self.counts.get)
+
+
+def row_plan(index: torch.Tensor) -> RowPlan:
+    idx = index.reshape(-1)
+    n = idx.numel()
+    cut = (idx[1:] != idx[:-1]).nonzero().flatten().add_(1).tolist()
+    starts, stops = [0, *cut], [*cut, n]
+    groups = idx[torch.tensor(starts, dtype=torch.long, device=idx.device)].tolist() if n else []
+    runs = list(zip(starts, stops, groups))
+    counts: dict[int, int] = {}
+    for a, b, g in runs:
+        counts[g] = counts.get(g, 0) + b - a
+    members = {g: (idx == g).nonzero().flatten() for g in counts}
+    return RowPlan(rows=n, runs=runs, members=members, counts=counts)
+
+
+class RowPlanner:
+    """Shared by the realized layers of one model: the row plan of the context's current index, made
+    once per forward (the index object changes with every forward, so identity is the cache key)."""
+
+    def __init__(self, context: RowGroupContext | None) -> None:
+        self.context = context
+        self._index: torch.Tensor | None = None
+        self._plan: RowPlan | None = None
+
+    def plan(self, rows: int) -> RowPlan | None:
+        index = None if self.context is None else self.context.index
+        if index is None:
+            return None
+        if index is not self._index:
+            self._index, self._plan = index, row_plan(index)
+        if self._plan.rows != rows:
+            raise ValueError(f"the row-group index has {self._plan.rows} rows but the layer input has {rows}: "
+                             "the modality tracking hook did not see this forward's input_ids")
+        return self._plan
+
+
+# ---------------------------------------------------------------------------------------------
+# the realized layer
+# ---------------------------------------------------------------------------------------------
+KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class RealQuantLinear(nn.Module):
+    """[online Hadamard] -> uint8 activation codes -> int8 GEMM, equal to the QuantLinear it replaces."""
+
+    def __init__(self, kernel: Int8Linear, online_rotation: nn.Module | None, static: bool,
+                 scales: torch.Tensor | None, zeros: torch.Tensor | None, default_group: int, clip: float,
+                 planner: RowPlanner | None, layout: str, majority_pass: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.kernel = kernel
+        self.in_features, self.out_features = kernel.in_features, kernel.out_features
+        self.online_rotation = online_rotation
+        self.static = static
+        self.layout, self.majority_pass = layout, majority_pass
+        self.planner = planner
+        self.default_group = default_group
+        # plain attributes, not buffers: model.to(dtype) must not round the scales
+        self.scales = None if scales is None else [s.reshape(()).float().clone() for s in scales]
+        self.zeros = None if zeros is None else [z.reshape(()).float().clone() for z in zeros]
+        self.clip = torch.tensor(float(clip))
+        # callers read ``layer.weight.dtype`` / ``.device`` (patch embeddings cast their input to it) and
+        # transformers reads a module's dtype from its first floating-point parameter; the int8 weights live
+        # packed in the kernel, so an empty parameter answers them
+        self.weight_probe = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_probe
+
+    @property
+    def num_groups(self) -> int:
+        return 0 if self.scales is None else len(self.scales)
+
+    def _static(self, x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.kernel.static(x, self.scales[g], self.zeros[g], dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_rotation is not None:
+            x = self.online_rotation(x)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+        if not self.static:
+            y = self.kernel.dynamic(x2d, self.clip, dtype)
+        else:
+            plan = self.planner.plan(x2d.shape[0]) if self.num_groups > 1 and self.planner is not None else None
+            if plan is None:
+                y = self._static(x2d, self.default_group if self.num_groups > 1 else 0, dtype)
+            elif len(plan.counts) == 1:
+                y = self._static(x2d, plan.runs[0][2], dtype)
+            elif self.layout == "slices":
+                y = self._slices(x2d, plan, dtype)
+            else:
+                y = self._gather(x2d, plan, dtype)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _slices(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype) -> torch.Tensor:
+        major = plan.majority
+        if self.majority_pass and plan.rows - plan.counts[major] <= MAJORITY_PASS_FRACTION * plan.rows:
+            y = self._static(x2d, major, dtype)
+            for a, b, g in plan.runs:
+                if g != major:
+                    y[a:b] = self._static(x2d[a:b], g, dtype)
+            return y
+        y = x2d.new_empty((plan.rows, self.out_features), dtype=dtype)
+        for a, b, g in plan.runs:
+            y[a:b] = self._static(x2d[a:b], g, dtype)
+        return y
+
+    def _gather(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype) -> torch.Tensor:
+        y = x2d.new_empty((plan.rows, self.out_features), dtype=dtype)
+        for g, rows in plan.members.items():
+            y.index_copy_(0, rows, self._static(x2d.index_select(0, rows), g, dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        mode = f"static x{self.num_groups} ({self.layout})" if self.static else "dynamic per-token"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel.name}, {mode}"
+                + (", reduce_range" if getattr(self.kernel, "reduce_range", False) else "")
+                + (", fused quantize" if self.kernel.fuse else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# QuantLinear -> RealQuantLinear
+# ---------------------------------------------------------------------------------------------
+def _is_fp(ql: QuantLinear) -> bool:
+    aq, wq = ql.input_quantizer, ql.weight_quantizer
+    return ((aq is None or not aq.enabled) and (wq is None or not wq.enabled) and not ql.weight_quantized
+            and ql.output_quantizer is None)
+
+
+def layer_problem(ql: QuantLinear) -> str | None:
+    """Why ``ql`` cannot be realized, or None."""
+    aq, wq = ql.input_quantizer, ql.weight_quantizer
+    if ql.output_quantizer is not None:
+        return "it quantizes its output"
+    if aq is None or not aq.enabled:
+        return "its activations are not quantized (weight-only)"
+    if aq.bits != 8:
+        return f"its activations have {aq.bits} bits (the kernels take 8)"
+    if aq.static:
+        if aq.granularity is not Granularity.TENSOR:
+            return f"its static activation scales are per {aq.granularity.value}, not per tensor"
+        if not aq.is_frozen:
+            return "its static activation scales are not calibrated yet"
+    elif aq.granularity is not Granularity.ROW or not aq.symmetric or aq.observer_name != "minmax":
+        return "its dynamic activations are not symmetric min-max per token"
+    if wq is None or not ql.weight_quantized or ql.weight_scale is None:
+        return "its weights are not quantized"
+    if wq.group_size:
+        return f"its weights have group-wise scales (group size {wq.group_size})"
+    if wq.bits > 8:
+        return f"its weights have {wq.bits} bits"
+    return None
+
+
+def weight_codes(ql: QuantLinear) -> torch.Tensor:
+    """int8 codes of the fake-quantized weight: ``weight / scale`` (minus the zero point, which the grid
+    already holds), checked to be integers -- a weight off its grid would make the kernel compute
+    something else."""
+    w = ql.weight.detach().float().cpu()
+    scale = ql.weight_scale.float().reshape(-1, 1)
+    if scale.shape[0] != w.shape[0]:
+        raise ValueError(f"weight scales of shape {tuple(ql.weight_scale.shape)} are not per output channel "
+                         f"for a weight of shape {tuple(w.shape)}")
+    q = w / scale
+    codes = q.round()
+    off = float((q - codes).abs().max()) if q.numel() else 0.0
+    if off > 0.05:  # fp32 grids are off by ~1e-6, bf16-stored ones by < 0.01 of a step
+        raise ValueError(f"the stored weight is not on its quantization grid (off by {off:.3f} of a step)")
+    if codes.numel() and (codes.min() < -128 or codes.max() > 127):
+        raise ValueError("the weight codes do not fit int8")
+    return codes.to(torch.int8)
+
+
+def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: RowPlanner | None,
+                  isa: cpu_isa.CpuIsa) -> RealQuantLinear:
+    problem = layer_problem(ql)
+    if problem is not None:
+        raise ValueError(problem)
+    aq = ql.input_quantizer
+    codes = weight_codes(ql)
+    bias = None if ql.bias is None else ql.bias.detach().float().cpu()
+    if backend == "fbgemm":
+        reduce = opts.reduce_range
+        if reduce is None:  # two codes of a pair at the u8 end times two weights above 64 exceed int16
+            reduce = not isa.vnni and int(codes.abs().max()) > 64
+        if reduce and aq.static and not aq.bit_type.signed:
+            raise ValueError("fbgemm without VNNI needs a reduced range for 8-bit weights, which serves symmetric "
+                             "activations only: drop --a_asym, or use 4-bit weights")
+        kernel = KERNELS["fbgemm"](codes, ql.weight_scale, bias, opts.fuse, reduce_range=reduce,
+                                   dynamic=not aq.static)
+    else:
+        kernel = KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse)
+    rotation = ql.online_rotation if ql.use_online_rotation else None
+    if aq.static:
+        zeros = aq.zero_point.reshape(-1) + (SIGNED_ZERO if aq.bit_type.signed else 0)
+        scales = aq.scale.reshape(-1)
+    else:
+        scales = zeros = None
+    return RealQuantLinear(kernel, rotation, aq.static, scales, zeros,
+                           aq.default_row_group or 0, aq.clip_ratio, planner, opts.layout, opts.majority_pass,
+                           ql.weight.dtype)
+
+
+def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeReport:
+    """Replace every quantized :class:`QuantLinear` of ``model`` (in place); raise, naming the layers, if a
+    quantized one cannot be realized. Floating-point layers are left as they are."""
+    opts = opts or RealizeOptions()
+    if opts.layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {opts.layout!r}")
+    backend = choose_backend(opts.backend)
+    isa = cpu_isa.detect()
+    report = RealizeReport(backend=backend, isa=isa.describe())
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if any(m.weight.device.type != "cpu" for _, m in targets):
+        raise ValueError("real int8 execution runs on the CPU here; the model is on "
+                         f"{next(m.weight.device for _, m in targets if m.weight.device.type != 'cpu')}")
+    problems = []
+    planners: dict[int, RowPlanner] = {}
+    for name, ql in targets:
+        if _is_fp(ql):
+            report.kept_fp.append(name)
+            continue
+        problem = layer_problem(ql)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+            continue
+        ctx = ql.input_quantizer.context
+        planner = planners.setdefault(id(ctx), RowPlanner(ctx))
+        try:
+            real = realize_layer(ql, backend, opts, planner, isa)
+        except ValueError as e:
+            problems.append(f"{name}: {e}")
+            continue
+        set_module(model, name, real)
+        report.layers[name] = f"static x{real.num_groups}" if real.static else "dynamic"
+        if getattr(real.kernel, "reduce_range", False):
+            report.reduce_range.append(name)
+        bits = ql.weight_quantizer.bits
+        report.weight_bits[bits] = report.weight_bits.get(bits, 0) + 1
+        report.int8_weight_bytes += real.kernel.nbytes()
+    if problems:
+        raise ValueError(f"{len(problems)} quantized layer(s) cannot run on the int8 kernels:\n  - "
+                         + "\n  - ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else ""))
+    if report.reduce_range:
+        log.warning("fbgemm on a CPU without VNNI: %d layer(s) with 8-bit weights run their activations on a "
+                    "7-bit grid (int16 pair sums would saturate); they differ slightly from the fake-quant model",
+                    len(report.reduce_range))
+    log.info("realized %d linear layers on %s (%s); %d left in floating point", len(report.layers), backend,
+             isa.int8_class, len(report.kept_fp))
+    return report
+
+
+__all__ = ["RealizeOptions", "RealizeReport", "RealQuantLinear", "realize", "config_errors", "choose_backend",
+           "KernelUnavailable", "row_plan", "RowPlanner", "BACKENDS"]
