@@ -130,6 +130,17 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--aifs", action="store_true",
                    help="attention-invariant flexible switching: visual tokens first at prefill, same outputs")
     g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
+
+    g = p.add_argument_group("real int8 execution (CPU)")
+    g.add_argument("--real_quant", action="store_true",
+                   help="after calibration, run the quantized linears on int8 kernels (oneDNN / fbgemm) instead of "
+                        "fake quantization: 8-bit activations (static per tensor, MSQ / sink sets, or dynamic per "
+                        "token), per-channel weights of at most 8 bits; docs/realquant.md")
+    g.add_argument("--real_quant_backend", default="auto", choices=["auto", "onednn", "fbgemm"],
+                   help="int8 kernels for --real_quant (auto: oneDNN on a CPU with VNNI or AMX, fbgemm otherwise)")
+    g.add_argument("--real_quant_fuse", action="store_true",
+                   help="with --real_quant: compile each activation quantization into one loop (torch.compile; "
+                        "needs a C++ compiler, compiles once per run)")
     return p
 
 
@@ -201,11 +212,32 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
     needed = max(args.nsamples, args.calib_num if (args.visual_static or args.llm_static) else 0)
     if args.dataset_name is None and needed > BUILTIN_ROWS:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
+    if args.real_quant:
+        errs += _real_quant_errors(args, cfg)
+    elif args.real_quant_fuse or args.real_quant_backend != "auto":
+        errs.append("--real_quant_backend / --real_quant_fuse need --real_quant")
     if args.holdout_num is not None and args.dataset_name is None:
         errs.append("--holdout_num needs --dataset_name")
     elif args.holdout_num is not None and args.holdout_num < needed:
         errs.append(f"--holdout_num {args.holdout_num} is less than the {needed} calibration rows --nsamples/--calib_num "
                     "ask for: raise it or lower them")
+    return errs
+
+
+def _real_quant_errors(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
+    """--real_quant: settings no kernel serves, a GPU device, or a torch build without the kernels."""
+    from fake_quant import realize
+
+    errs = realize.config_errors(cfg)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device.startswith("cpu"):
+        errs.append(f"--real_quant runs on the CPU int8 kernels; pass --device cpu (got {device})")
+    if args.offload:
+        errs.append("--real_quant cannot be combined with --offload (it runs the whole model on the CPU)")
+    try:
+        realize.choose_backend(args.real_quant_backend)
+    except realize.KernelUnavailable as e:
+        errs.append(f"--real_quant: {e}")
     return errs
 
 
@@ -362,6 +394,10 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
             with pipeline.Stage(report, "dump"):
                 checkpoint.save(loaded.model, args.dump_gptq, {**meta, "calibrated": True})
 
+    realized = None
+    if args.real_quant:  # the dump above keeps the fake-quant tensors; the int8 layers live only in this run
+        realized = pipeline.realize(cfg, loaded, args.real_quant_backend, args.real_quant_fuse, report).to_dict()
+
     evaluation = demo = None
     if args.dataset_name is None:
         # a held-out row (never used for calibration) answered by the quantized model
@@ -397,6 +433,7 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
         "decoding": adapter.decoding(loaded) or {"num_beams": 1},
         "demo": demo,
         "pipeline": report.to_dict(),
+        "real_quant": realized,
         "memory": peak_memory(),
         "total_seconds": time.perf_counter() - t_start,
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "machine": machine()},
@@ -434,6 +471,9 @@ def _summary(r: dict, path: str) -> str:
         ev = r["evaluation"]
         shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev["scores"].items())
         lines.append(f"{ev['dataset']} on {ev['rows_scored']} rows (none used for calibration): {shown}")
+    if r.get("real_quant"):
+        rq = r["real_quant"]
+        lines.append(f"real int8 execution: {len(rq['layers'])} linears on {rq['backend']} ({rq['isa']})")
     lines.append(f"stages: {secs}; total {r['total_seconds']:.1f}s; peak RSS {r['memory']['peak_rss_mb']:.0f} MB")
     lines.append(f"results: {path}")
     return "\n".join(lines)

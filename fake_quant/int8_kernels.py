@@ -10,7 +10,7 @@ both signed and unsigned calibrated grids run on the same u8 x s8 kernels.
   s8 x s8 matmul and runs its reference loop (``ref_int8``; 13 s for 256x1536x1536 on the development
   machine), while u8 x s8 runs ``brg_matmul:avx512_core_vnni``.
 * ``fbgemm``: ``torch.ops.quantized.linear_prepack`` + ``linear_with_input_q_dq_qweight_dq_output_fp32``
-  -- fp32 in, the static quantization done inside the kernel, fp32 out. Without VNNI its u8 x s8 pair
+  -- fp32 in, the static quantization done inside the kernel (or integer codes at scale 1), fp32 out. Without VNNI its u8 x s8 pair
   products are summed in int16 and can saturate for 8-bit weights; ``reduce_range`` then puts the
   activations on a 7-bit grid (see :class:`FbgemmInt8Linear`).
 
@@ -87,7 +87,8 @@ def quantize_rows_float(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tens
 
 
 def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Signed codes on ``[qmin, qmax]`` as float32 (fbgemm's reduced-range input)."""
+    """Codes ``clamp(round(x / scale), qmin, qmax)`` as float32: fbgemm's input at scale 1 (the zero point is
+    added by the kernel)."""
     return (x.float() / scale).round_().clamp_(qmin, qmax)
 
 
@@ -180,6 +181,12 @@ def _engine(name: str):
 class FbgemmInt8Linear(Int8Linear):
     """fbgemm's static fp32-in / fp32-out int8 linear.
 
+    ``kernel_quantize``: let the kernel quantize the fp32 input with the static scale itself (one pass and
+    one output rescale fewer). It multiplies by the reciprocal scale in a fused multiply-add, so an input that
+    lies exactly halfway between two codes can round to the other one than the fake quantizer's
+    ``round(x / scale)`` (half to even) -- one code, at exact ties only. Off by default: the layer then feeds
+    the kernel integer codes at scale 1 (which it quantizes exactly) and rescales the output.
+
     ``reduce_range``: fbgemm's u8 x s8 kernel on a CPU without VNNI sums pairs of products in int16
     (``vpmaddubsw``), which saturates when two large activation codes meet two large 8-bit weights. Then
     the activations are put on a 7-bit grid (``[-64, 63]`` at twice the scale; codes shifted by 64), which
@@ -190,17 +197,18 @@ class FbgemmInt8Linear(Int8Linear):
     name = "fbgemm"
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool,
-                 reduce_range: bool = False, dynamic: bool = False) -> None:
+                 reduce_range: bool = False, dynamic: bool = False, kernel_quantize: bool = False) -> None:
         super().__init__(codes, w_scale, bias, fuse)
         require_ops("fbgemm")
         self.reduce_range = reduce_range
+        self.kernel_quantize = kernel_quantize and not reduce_range
         with warnings.catch_warnings(), _engine("fbgemm"):
             # fbgemm's prepack takes a quantized tensor; the deprecation of those tensors is not ours to act on
             warnings.simplefilter("ignore", UserWarning)
             qw = torch._make_per_channel_quantized_tensor(codes.contiguous(), self.w_scale.double(),
                                                           torch.zeros(self.out_features, dtype=torch.long), 0)
             # dynamic rows and the reduced range rescale the kernel's output, so their bias is added after that
-            self.bias_in_kernel = not (reduce_range or dynamic)
+            self.bias_in_kernel = self.kernel_quantize and not dynamic
             self.packed = torch.ops.quantized.linear_prepack(qw, self.bias if self.bias_in_kernel else None)
         self._q_rows = quantizer("rows_float", fuse)
         self._q_grid = quantizer("float_grid", fuse)
@@ -211,15 +219,18 @@ class FbgemmInt8Linear(Int8Linear):
                                                                                    packed)
 
     def static(self, x, scale, zero, out_dtype):
-        if not self.reduce_range:
+        if self.kernel_quantize:
             self._bias_kind(True)
             return self._run(x, float(scale), int(zero), self.packed).to(out_dtype)
-        if int(zero) != SIGNED_ZERO:
-            raise ValueError("fbgemm's reduced range serves symmetric activations only (drop --a_asym)")
         self._bias_kind(False)
-        codes = self._q_grid(x, scale * 2, -64, 63)
-        y = self._run(codes, 1.0, 64, self.packed)
-        return self._rescale(y, scale * 2, out_dtype)
+        if self.reduce_range:
+            if int(zero) != SIGNED_ZERO:
+                raise ValueError("fbgemm's reduced range serves symmetric activations only (drop --a_asym)")
+            codes = self._q_grid(x, scale * 2, -64, 63)
+            return self._rescale(self._run(codes, 1.0, 64, self.packed), scale * 2, out_dtype)
+        z = int(zero)
+        codes = self._q_grid(x, scale, -z, U8_MAX - z)  # rounded like the fake quantizer; exact at scale 1
+        return self._rescale(self._run(codes, 1.0, z, self.packed), scale, out_dtype)
 
     def dynamic(self, x, clip, out_dtype):
         self._bias_kind(False)

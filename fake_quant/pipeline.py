@@ -388,6 +388,17 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
     return wrapped
 
 
+def realize(cfg: QuantConfig, loaded, backend: str = "auto", fuse: bool = False,
+            report: PipelineReport | None = None):
+    """Run the calibrated model's quantized linears on int8 kernels (:mod:`fake_quant.realize`). With AIFS
+    the rows of each MSQ scale set are contiguous slices; without it they are gathered and scattered."""
+    from .realize import RealizeOptions, realize as realize_model
+
+    opts = RealizeOptions(backend=backend, fuse=fuse, layout="slices" if cfg.aifs else "gather")
+    with Stage(report or PipelineReport(), "realize"):
+        return realize_model(loaded.model, opts)
+
+
 def offload(adapter, loaded, device: str) -> Offloader:
     """Keep the transformer blocks of ``loaded.model`` on the CPU, streaming each to ``device``
     while it runs (see :mod:`fake_quant.offload`); the rest of the model moves to ``device``."""

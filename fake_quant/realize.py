@@ -48,6 +48,7 @@ class RealizeOptions:
     layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS) or "gather"
     majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
     reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
+    kernel_quantize: bool = False     # fbgemm: the kernel quantizes its input (exact ties may round the other way)
 
 
 @dataclass
@@ -326,7 +327,7 @@ def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: 
             raise ValueError("fbgemm without VNNI needs a reduced range for 8-bit weights, which serves symmetric "
                              "activations only: drop --a_asym, or use 4-bit weights")
         kernel = KERNELS["fbgemm"](codes, ql.weight_scale, bias, opts.fuse, reduce_range=reduce,
-                                   dynamic=not aq.static)
+                                   dynamic=not aq.static, kernel_quantize=opts.kernel_quantize)
     else:
         kernel = KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse)
     rotation = ql.online_rotation if ql.use_online_rotation else None
