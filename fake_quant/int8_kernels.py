@@ -131,6 +131,14 @@ class Int8Linear:
         """``x [rows, in]`` quantized per row (symmetric, scales from the rows now), times the weight, plus bias."""
         raise NotImplementedError
 
+    def set_fuse(self, fuse: bool) -> None:
+        """Switch the activation quantization between eager passes and one compiled loop."""
+        self.fuse = fuse
+        self._pick_quantizers()
+
+    def _pick_quantizers(self) -> None:
+        pass
+
     def _rescale(self, y: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         y = y.mul_(row_scale)
         if self.bias is not None:
@@ -149,8 +157,11 @@ class OneDNNInt8Linear(Int8Linear):
         require_ops("onednn")
         self.packed = torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
         self.w_zero = torch.zeros(self.out_features, dtype=torch.long)
-        self._q = quantizer("u8", fuse)
-        self._q_rows = quantizer("rows_u8", fuse)
+        self._pick_quantizers()
+
+    def _pick_quantizers(self) -> None:
+        self._q = quantizer("u8", self.fuse)
+        self._q_rows = quantizer("rows_u8", self.fuse)
 
     def matmul(self, q: torch.Tensor, x_scale: float, x_zero: int, bias: torch.Tensor | None,
                out_dtype: torch.dtype) -> torch.Tensor:
@@ -210,8 +221,11 @@ class FbgemmInt8Linear(Int8Linear):
             # dynamic rows and the reduced range rescale the kernel's output, so their bias is added after that
             self.bias_in_kernel = self.kernel_quantize and not dynamic
             self.packed = torch.ops.quantized.linear_prepack(qw, self.bias if self.bias_in_kernel else None)
-        self._q_rows = quantizer("rows_float", fuse)
-        self._q_grid = quantizer("float_grid", fuse)
+        self._pick_quantizers()
+
+    def _pick_quantizers(self) -> None:
+        self._q_rows = quantizer("rows_float", self.fuse)
+        self._q_grid = quantizer("float_grid", self.fuse)
 
     def _run(self, x: torch.Tensor, x_scale: float, x_zero: int, packed) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()

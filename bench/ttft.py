@@ -1,0 +1,475 @@
+"""Prefill time (time to first token) of the realized int8 model against floating point and against dynamic
+per-token quantization, all in one run on this machine.
+
+Part ``stack``: random-weight Qwen2-VL language models at real widths (``--widths 2B``: hidden 1536, MLP 8960,
+12 heads / 2 KV heads; ``7B``: 3584 / 18944 / 28 / 4) with ``--layers`` decoder layers, prompts of
+``--visual`` visual tokens (one image, its features random and 4x wider than the text embeddings) between
+text tokens (50 in all), as in the paper's setting. The vision encoder is not run: the image features are
+given, so the time is the LLM's prefill. Weights are RTN (the kernels do not care how they were found);
+scales are calibrated on two 256-visual-token prompts.
+
+Part ``minivlm``: MiniVLM (DINOv2-S/14 + SmolLM2-135M, real weights, ``make minivlm``) on SynthBench prompts
+(image + question), the whole prefill including the vision tower, with GPTQ-free RTN weights calibrated on
+the SynthBench calibration files.
+
+Rows: FP32; BF16; then realized int8 models (with their non-GEMM parts in the faster floating-point dtype of
+the two, measured here first): W8A8 dynamic per-token, W8A8 static with one scale, MSQ without AIFS (rows
+gathered and scattered), MSQ + AIFS (contiguous slices), and W4A8 MQuant (MSQ + AIFS + RMS). Each quantized
+row is timed with the activation quantization in eager passes and compiled into one loop (``torch.compile``).
+Repeats are interleaved (every setting once per round, the order rotating), and medians are reported; the
+ratios compare medians of this run. Peak RSS: the largest resident set sampled during that row's prefills
+minus the resident set just before (the prefill's working memory), next to the weights' own bytes.
+
+    python bench/ttft.py [--part stack|minivlm|all] [--widths 2B] [--layers 2] [--visual 1024,4096]
+                         [--repeats 5] [--backend auto|onednn|fbgemm] [--no_fuse] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from fake_quant import cpu_isa, pipeline  # noqa: E402
+from fake_quant.config import QuantConfig  # noqa: E402
+from fake_quant.realize import RealQuantLinear  # noqa: E402
+
+WIDTHS = {"2B": (1536, 8960, 12, 2), "7B": (3584, 18944, 28, 4)}
+TEXT_TOKENS = 50
+FEATURE_SCALE = 4.0  # visual features 4x wider than text embeddings: a modality gap for MSQ to calibrate
+
+
+@dataclass
+class Setting:
+    name: str
+    quant: dict | None = None    # None: floating point
+    dtype: torch.dtype = torch.float32
+    model: torch.nn.Module | None = None
+    times: dict[str, list[float]] = field(default_factory=dict)   # mode ("eager" / "fused") -> seconds
+    linear_times: dict[str, list[float]] = field(default_factory=dict)
+    layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
+    rss: dict[str, int] = field(default_factory=dict)
+    weight_bytes: int = 0
+    realized_error: float | None = None
+
+
+QUANT_SETTINGS = [
+    ("W8A8 dynamic per-token", dict(w_bits=8, static=False)),
+    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False)),
+    ("W8A8 MSQ, no AIFS (gather)", dict(w_bits=8, static=True, msq=True, aifs=False)),
+    ("W8A8 MSQ + AIFS (slices)", dict(w_bits=8, static=True, msq=True, aifs=True)),
+    ("W4A8 MQuant (MSQ + AIFS + RMS)", dict(w_bits=4, static=True, msq=True, aifs=True, rms=True)),
+]
+
+
+def quant_config(w_bits: int, static: bool, msq: bool = True, aifs: bool = False, rms: bool = False,
+                 visual: bool = False) -> QuantConfig:
+    q = QuantConfig(nsamples=2, calib_num=2, seed=0, msq=msq, aifs=aifs)
+    r = q.rotation
+    r.rotate = r.llm = r.online_llm_hadamard = True
+    q.rms.llm = rms
+    parts = [q.llm] + ([q.visual] if visual else [])
+    q.connector = visual
+    if visual:
+        r.visual = r.online_visual_hadamard = True
+        q.rms.visual = rms
+    for p in parts:
+        p.quantize = True
+        p.weight.bits, p.weight.rtn = w_bits, True
+        p.act.bits, p.act.static = 8, static
+    return q.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: freed memory stays resident and the deltas read low
+        return None
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
+class RssPeak:
+    """Samples the resident set every few milliseconds while the block runs. Freed heap memory is handed back
+    to the system first (``malloc_trim``), so the growth seen is the block's own working memory."""
+
+    def __enter__(self):
+        if MALLOC_TRIM is not None:
+            MALLOC_TRIM(0)
+        self.base = self.peak = rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        return False
+
+
+def linear_bytes(model: torch.nn.Module, under: str) -> int:
+    """Bytes of the linear weights under ``under`` (the decoder layers): floating point, or int8 codes plus
+    their fp32 scales and bias once realized."""
+    n = 0
+    for name, m in model.named_modules():
+        if not name.startswith(under):
+            continue
+        if isinstance(m, RealQuantLinear):
+            n += m.kernel.nbytes() + 4 * m.out_features * (2 if m.kernel.bias is not None else 1)
+        elif isinstance(m, torch.nn.Linear):
+            n += sum(p.numel() * p.element_size() for p in m.parameters())
+    return n
+
+
+class LinearClock:
+    """Wall time spent inside the decoder layers' linear layers (online Hadamard and activation quantization
+    included), summed over one forward: the part of the prefill that the int8 kernels replace."""
+
+    def __init__(self, model: torch.nn.Module, under: str) -> None:
+        from fake_quant.rms import SplitQuantLinear
+
+        kinds = (RealQuantLinear, torch.nn.Linear, SplitQuantLinear)
+        self.total, self._t0 = 0.0, {}
+        self.handles, taken = [], []
+        for name, m in model.named_modules():
+            if not name.startswith(under) or not isinstance(m, kinds) or any(name.startswith(t + ".") for t in taken):
+                continue
+            taken.append(name)
+            self.handles.append(m.register_forward_pre_hook(self._start))
+            self.handles.append(m.register_forward_hook(self._stop))
+
+    def _start(self, module, args):
+        self._t0[id(module)] = time.perf_counter()
+
+    def _stop(self, module, args, out):
+        self.total += time.perf_counter() - self._t0.pop(id(module))
+
+
+def set_fuse(model: torch.nn.Module, fuse: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, RealQuantLinear):
+            m.kernel.set_fuse(fuse)
+
+
+def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[str, ...], forward,
+             layers: str) -> None:
+    """Interleaved: every (setting, mode) once per round, the starting point rotating round by round."""
+    jobs = [(s, m) for s in settings for m in (modes if s.quant else ("eager",))]
+    clocks = {}
+    for s in settings:
+        if id(s.model) not in clocks:
+            clocks[id(s.model)] = LinearClock(s.model, layers)
+    with torch.no_grad():
+        for s, m in jobs:  # warm-up: oneDNN primitives, compiled quantizers, allocator
+            apply_layout(s)
+            set_fuse(s.model, m == "fused")
+            forward(s.model, inputs, s.dtype)
+        for r in range(repeats):
+            k = r % len(jobs)
+            for s, m in jobs[k:] + jobs[:k]:
+                apply_layout(s)
+                set_fuse(s.model, m == "fused")
+                gc.collect()
+                clock = clocks[id(s.model)]
+                clock.total = 0.0
+                with RssPeak() as rss:
+                    t0 = time.perf_counter()
+                    forward(s.model, inputs, s.dtype)
+                    dt = time.perf_counter() - t0
+                s.times.setdefault(m, []).append(dt)
+                s.linear_times.setdefault(m, []).append(clock.total)
+                s.rss[m] = max(s.rss.get(m, 0), rss.peak - rss.base)
+    for c in clocks.values():
+        for h in c.handles:
+            h.remove()
+
+
+def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
+    med = {(s.name, m): statistics.median(v) for s in settings for m, v in s.times.items()}
+    fp = [s for s in settings if not s.quant]
+    base = min(fp, key=lambda s: med[s.name, "eager"])
+    dyn = next((s for s in settings if s.quant and not s.quant["static"]), None)
+    lines = [f"### {title}", "",
+             f"baseline: {base.name} (the faster floating-point path here); ratios are speed-ups (higher is faster)",
+             "", "| setting | mode | prefill ms | x vs FP32 | x vs " + base.name + " | x vs dynamic | in linears ms "
+             "| linears x vs dynamic | prefill peak RSS MB | decoder linears MB | realized vs fake-quant |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lin = {(s.name, m): statistics.median(v) for s in settings for m, v in s.linear_times.items()}
+    fp32 = next(s for s in fp if s.dtype == torch.float32)
+    for s in settings:
+        for m in (modes if s.quant else ("eager",)):
+            t = med[s.name, m]
+            vs_dyn = f"{med[dyn.name, m] / t:.2f}" if dyn is not None and s.quant else ""
+            err = "" if s.realized_error is None else f"{s.realized_error:.1e}"
+            mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m] if s.quant else str(s.dtype).replace("torch.", "")
+            lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and s.quant else ""
+            lines.append(f"| {s.name} | {mode} | {t * 1e3:.0f} | {med[fp32.name, 'eager'] / t:.2f} | "
+                         f"{med[base.name, 'eager'] / t:.2f} | {vs_dyn} | {lin[s.name, m] * 1e3:.0f} | {lin_dyn} | "
+                         f"{s.rss[m] / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} | {err} |")
+    lines.append("")
+    lines.append(f"repeats per row: {len(settings[0].times['eager'])} (interleaved); spread (max/min) of the rows: "
+                 + ", ".join(f"{s.name.split(' (')[0]} {max(v) / min(v):.2f}" for s in settings
+                             for m, v in s.times.items() if m == "eager"))
+    return "\n".join(lines)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ---------------------------------------------------------------------------------------------
+# part 1: LLM stacks at real widths
+# ---------------------------------------------------------------------------------------------
+def stack_model(widths: str, layers: int, vocab: int):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from model import tiny
+
+    hidden, ffn, heads, kv = WIDTHS[widths]
+    cfg = tiny.qwen2vl_config(
+        text={"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+              "max_position_embeddings": 32768, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+        vision={"depth": 1, "embed_dim": 32, "hidden_size": hidden, "num_heads": 1}, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+class GivenFeatures:
+    """Stands in for the vision encoder: seeded random features of the image's token count."""
+
+    def __init__(self, hidden: int) -> None:
+        self.hidden, self.cache = hidden, {}
+
+    def __call__(self, pixel_values, image_grid_thw=None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        sizes = (image_grid_thw.prod(-1) // 4).tolist()
+        out = []
+        for n in sizes:
+            if n not in self.cache:
+                g = torch.Generator().manual_seed(n)
+                self.cache[n] = FEATURE_SCALE * torch.randn(n, self.hidden, generator=g) * 0.02
+            out.append(self.cache[n].to(pixel_values.dtype))
+        return BaseModelOutputWithPooling(pooler_output=tuple(out))
+
+
+def stack_inputs(nv: int, vocab: int, seed: int = 0) -> dict:
+    from model import tiny
+
+    side = int(round(nv ** 0.5))
+    gh, gw = side, nv // side
+    if gh * gw != nv:
+        raise SystemExit(f"--visual {nv}: use a count that is a product of two near-equal integers (e.g. 1024, 4096)")
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(300, vocab, (TEXT_TOKENS - 2,), generator=g)
+    head, tail = text[:20], text[20:]
+    ids = torch.cat([head, torch.tensor([tiny.VISION_START]), torch.full((nv,), tiny.IMAGE_TOKEN),
+                     torch.tensor([tiny.VISION_END]), tail])[None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(1, 1),
+            "image_grid_thw": torch.tensor([[1, 2 * gh, 2 * gw]]), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int()}
+
+
+def stack_forward(model, inputs: dict, dtype: torch.dtype):
+    batch = {**inputs, "pixel_values": inputs["pixel_values"].to(dtype)}
+    return model(**batch, use_cache=False, logits_to_keep=1).logits
+
+
+def build_settings(make_fp, adapter, calib: list[dict], probe: dict, forward, backend: str,
+                   visual_part: bool = False) -> list[Setting]:
+    """FP32 and BF16 models, then each quantized setting: calibrated (fake quant), compared with its realized
+    model on ``probe``, realized."""
+    from model.base import Loaded
+
+    fp32 = make_fp()
+    settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
+                                                                    copy.deepcopy(fp32).to(torch.bfloat16))]
+    for name, q in QUANT_SETTINGS:
+        cfg = quant_config(**q, visual=visual_part)
+        loaded = Loaded(copy.deepcopy(fp32), None, "bench")
+        logging.getLogger("mquant").info("calibrating %s", name)
+        pipeline.run(cfg, adapter, loaded, calib, calib)
+        with torch.no_grad():
+            ref = forward(loaded.model, probe, torch.float32)
+            pipeline.realize(cfg, loaded, backend)
+            err = rel(forward(loaded.model, probe, torch.float32), ref)
+        settings.append(Setting(name, q, torch.float32, loaded.model, realized_error=err))
+        settings[-1].layout = "slices" if q.get("aifs") else "gather"
+        if q.get("msq") and q["static"] and not q.get("aifs"):
+            # one image is one contiguous block in prompt order already: the same model with its runs sliced
+            extra = Setting("W8A8 MSQ, no AIFS, runs sliced", q, torch.float32, loaded.model, layout="slices")
+            apply_layout(extra)
+            with torch.no_grad():
+                extra.realized_error = rel(forward(loaded.model, probe, torch.float32), ref)
+            settings.append(extra)
+    return settings
+
+
+def apply_layout(s: Setting) -> None:
+    for m in s.model.modules():
+        if isinstance(m, RealQuantLinear) and s.layout is not None:
+            m.layout = s.layout
+
+
+def choose_fp_dtype(settings: list[Setting], inputs: dict, forward) -> tuple[torch.dtype, str]:
+    """bf16 for the non-GEMM parts only if this CPU runs the bf16 model faster than fp32 (measured now)."""
+    t = {}
+    with torch.no_grad():
+        for s in settings[:2]:
+            forward(s.model, inputs, s.dtype)
+            t0 = time.perf_counter()
+            forward(s.model, inputs, s.dtype)
+            t[s.dtype] = time.perf_counter() - t0
+    faster = min(t, key=t.get)
+    why = (f"probe prefill: fp32 {t[torch.float32] * 1e3:.0f} ms, bf16 {t[torch.bfloat16] * 1e3:.0f} ms -> the "
+           f"realized models run their non-GEMM parts in {str(faster).replace('torch.', '')}")
+    return faster, why
+
+
+def part_stack(args, modes) -> list[str]:
+    from model.qwen2vl import Qwen2VLAdapter
+
+    hidden = WIDTHS[args.widths][0]
+    adapter = Qwen2VLAdapter()
+
+    def make_fp():
+        m = stack_model(args.widths, args.layers, args.vocab)
+        m.model.get_image_features = GivenFeatures(hidden)
+        return m
+
+    calib = [stack_inputs(256, args.vocab, seed=s) for s in (1, 2)]
+    probe = stack_inputs(256, args.vocab, seed=3)
+    settings = build_settings(make_fp, adapter, calib, probe, stack_forward, args.backend)
+    out = []
+    for nv in args.visual:
+        inputs = stack_inputs(nv, args.vocab)
+        dtype, why = choose_fp_dtype(settings, inputs, stack_forward)
+        for s in settings:
+            if s.quant:
+                s.model.to(dtype)
+                s.dtype = dtype
+            s.times, s.linear_times, s.rss = {}, {}, {}
+            s.weight_bytes = linear_bytes(s.model, "model.language_model.layers")
+        time_all(settings, inputs, args.repeats, modes, stack_forward, "model.language_model.layers")
+        title = (f"Qwen2-VL-{args.widths} widths, {args.layers} random decoder layers, {nv} visual + {TEXT_TOKENS} "
+                 f"text tokens, vocabulary {args.vocab}")
+        out.append(table(settings, title, modes) + "\n\n" + why)
+        print(out[-1] + "\n", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# part 2: MiniVLM on SynthBench prompts
+# ---------------------------------------------------------------------------------------------
+def part_minivlm(args, modes) -> list[str]:
+    from evaluation import datasets, synthbench
+    from model.base import Sample
+    from model.registry import get
+
+    adapter = get("llava")
+    data = os.path.join(ROOT, "evaluation", "synthbench_data")
+    calib_rows = [r for s in synthbench.SUBSETS for r in datasets.load_rows(data, f"{s}_calib")][::20][:8]
+    eval_rows = [datasets.load_rows(data, s)[0] for s in synthbench.SUBSETS]
+
+    base = adapter.load("minivlm", "cpu", torch.float32)
+    llm_blocks = next(st for st in adapter.stacks(base.model) if st.name == "llm").blocks
+
+    def batch(r):
+        return adapter.build_inputs(base, Sample([datasets.image_of(r)], r["question"]), "cpu")
+
+    calib = [batch(r) for r in calib_rows]
+    probe = batch(eval_rows[0])
+
+    def forward(model, inputs, dtype):
+        b = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        return model(**b, use_cache=False, logits_to_keep=1).logits
+
+    settings = build_settings(lambda: base.model, adapter, calib, probe, forward, args.backend, visual_part=True)
+    out = []
+    for r in eval_rows[:1]:
+        inputs = batch(r)
+        n_vis = int(adapter.visual_token_mask(base, inputs).sum())
+        dtype, why = choose_fp_dtype(settings, inputs, forward)
+        for s in settings:
+            if s.quant:
+                s.model.to(dtype)
+                s.dtype = dtype
+            s.weight_bytes = linear_bytes(s.model, llm_blocks)
+        time_all(settings, inputs, args.repeats, modes, forward, llm_blocks)
+        title = (f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, real weights), SynthBench prompt {r['index']}: "
+                 f"{inputs['input_ids'].shape[1]} LLM tokens ({n_vis} visual), vision tower included")
+        out.append(table(settings, title, modes) + "\n\n" + why)
+        print(out[-1] + "\n", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="stack", choices=["stack", "minivlm", "all"])
+    ap.add_argument("--widths", default="2B", choices=sorted(WIDTHS))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--visual", default="1024,4096", help="visual token counts, comma-separated")
+    ap.add_argument("--vocab", type=int, default=16384, help="vocabulary of the random stacks (only the last "
+                    "token's logits are computed, so it changes little)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--backend", default="auto", choices=["auto", "onednn", "fbgemm"])
+    ap.add_argument("--no_fuse", action="store_true", help="skip the compiled-quantize timings")
+    ap.add_argument("--json", default=None, help="also write the tables and the machine to this file")
+    args = ap.parse_args()
+    args.visual = [int(v) for v in args.visual.split(",")]
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+    modes = ("eager",) if args.no_fuse else ("eager", "fused")
+    isa = cpu_isa.detect()
+    from fake_quant.realize import choose_backend
+
+    backend = choose_backend(args.backend)
+    head = [f"machine: {isa.describe()}; {os.cpu_count()} cores, {torch.get_num_threads()} threads",
+            f"build: {cpu_isa.torch_build()}",
+            f"int8 backend: {backend} ({'asked for' if args.backend != 'auto' else 'chosen for ' + isa.int8_class})",
+            f"load average at start: {os.getloadavg()[0]:.2f}"]
+    print("\n".join(head) + "\n", flush=True)
+    tables = []
+    if args.part in ("stack", "all"):
+        tables += part_stack(args, modes)
+    if args.part in ("minivlm", "all"):
+        tables += part_minivlm(args, modes)
+    tail = f"load average at end: {os.getloadavg()[0]:.2f}"
+    print(tail)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"head": head, "tables": tables, "tail": tail, "args": vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
