@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from fake_quant import cpu_isa, pipeline  # noqa: E402
 from fake_quant.config import QuantConfig  # noqa: E402
+from fake_quant.quant_utils import QuantLinear  # noqa: E402
 from fake_quant.realize import RealQuantLinear  # noqa: E402
 
 WIDTHS = {"2B": (1536, 8960, 12, 2), "7B": (3584, 18944, 28, 4)}
@@ -62,7 +63,10 @@ class Setting:
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
-    realized_error: float | None = None
+    realized_error: float | None = None   # logits, realized vs fake quant
+    noise_error: float | None = None      # logits, fake quant vs fake quant under 1e-7 input noise
+    layer_error: float | None = None      # worst realized layer vs its fake-quant layer on the same input
+    kl: tuple | None = None               # (KL(FP32 || fake quant), KL(FP32 || realized), prompts)
 
 
 QUANT_SETTINGS = [
@@ -221,24 +225,33 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     lines = [f"### {title}", "",
              f"baseline: {base.name} (the faster floating-point path here); ratios are speed-ups (higher is faster)",
              "", "| setting | mode | prefill ms | x vs FP32 | x vs " + base.name + " | x vs dynamic | in linears ms "
-             "| linears x vs dynamic | prefill peak RSS MB | decoder linears MB | realized vs fake-quant |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| linears x vs dynamic | prefill peak RSS MB | decoder linears MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     lin = {(s.name, m): statistics.median(v) for s in settings for m, v in s.linear_times.items()}
     fp32 = next(s for s in fp if s.dtype == torch.float32)
     for s in settings:
         for m in (modes if s.quant else ("eager",)):
             t = med[s.name, m]
             vs_dyn = f"{med[dyn.name, m] / t:.2f}" if dyn is not None and s.quant else ""
-            err = "" if s.realized_error is None else f"{s.realized_error:.1e}"
             mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m] if s.quant else str(s.dtype).replace("torch.", "")
             lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and s.quant else ""
             lines.append(f"| {s.name} | {mode} | {t * 1e3:.0f} | {med[fp32.name, 'eager'] / t:.2f} | "
                          f"{med[base.name, 'eager'] / t:.2f} | {vs_dyn} | {lin[s.name, m] * 1e3:.0f} | {lin_dyn} | "
-                         f"{s.rss[m] / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} | {err} |")
+                         f"{s.rss[m] / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} |")
     lines.append("")
     lines.append(f"repeats per row: {len(settings[0].times['eager'])} (interleaved); spread (max/min) of the rows: "
                  + ", ".join(f"{s.name.split(' (')[0]} {max(v) / min(v):.2f}" for s in settings
                              for m, v in s.times.items() if m == "eager"))
+    lines += ["", "Realized vs fake quantization on a held-out prompt (fp32, relative): the logits; the fake-quant "
+              "model's own logit change when every quantized layer's input is changed by 1e-7 (relative, elementwise: "
+              "the float sensitivity of a quantized model, where a code on a rounding boundary flips); the worst realized layer against its fake-quant layer "
+              "fed the same input.", "", "| setting | realized vs fake-quant logits | fake-quant vs itself, 1e-7 "
+              "input noise | worst layer, same input | KL(FP32 ‖ fake-quant) | KL(FP32 ‖ realized) |",
+              "|---|---|---|---|---|---|"]
+    for s in settings:
+        if s.quant:
+            lines.append(f"| {s.name} | {s.realized_error:.1e} | {s.noise_error:.1e} | {s.layer_error:.1e} | "
+                         f"{s.kl[0]:.2e} | {s.kl[1]:.2e} |")
+    lines.append(f"(KL: next-token distributions of {settings[-1].kl[2]} held-out prompt(s), mean)")
     return "\n".join(lines)
 
 
@@ -305,13 +318,23 @@ def stack_forward(model, inputs: dict, dtype: torch.dtype):
     return model(**batch, use_cache=False, logits_to_keep=1).logits
 
 
-def build_settings(make_fp, adapter, calib: list[dict], probe: dict, forward, backend: str,
+def kl_from(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """Mean KL(ref || out) of the next-token distributions."""
+    return statistics.mean(float(torch.nn.functional.kl_div(o.float().log_softmax(-1), r.float().log_softmax(-1),
+                                                            log_target=True, reduction="sum"))
+                           for r, o in zip(ref, out))
+
+
+def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forward, backend: str,
                    visual_part: bool = False) -> list[Setting]:
     """FP32 and BF16 models, then each quantized setting: calibrated (fake quant), compared with its realized
-    model on ``probe``, realized."""
+    model on ``probes`` (held-out prompts), realized."""
     from model.base import Loaded
 
+    probe = probes[0]
     fp32 = make_fp()
+    with torch.no_grad():
+        fp_logits = [forward(fp32, p, torch.float32) for p in probes]
     settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
                                                                     copy.deepcopy(fp32).to(torch.bfloat16))]
     for name, q in QUANT_SETTINGS:
@@ -320,19 +343,75 @@ def build_settings(make_fp, adapter, calib: list[dict], probe: dict, forward, ba
         logging.getLogger("mquant").info("calibrating %s", name)
         pipeline.run(cfg, adapter, loaded, calib, calib)
         with torch.no_grad():
-            ref = forward(loaded.model, probe, torch.float32)
+            fake_logits = [forward(loaded.model, p, torch.float32) for p in probes]
+            ref = fake_logits[0]
+            noise = rel(with_input_noise(loaded.model, lambda: forward(loaded.model, probe, torch.float32)), ref)
+            originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
             pipeline.realize(cfg, loaded, backend)
-            err = rel(forward(loaded.model, probe, torch.float32), ref)
-        settings.append(Setting(name, q, torch.float32, loaded.model, realized_error=err))
-        settings[-1].layout = "slices" if q.get("aifs") else "gather"
-        if q.get("msq") and q["static"] and not q.get("aifs"):
-            # one image is one contiguous block in prompt order already: the same model with its runs sliced
-            extra = Setting("W8A8 MSQ, no AIFS, runs sliced", q, torch.float32, loaded.model, layout="slices")
-            apply_layout(extra)
-            with torch.no_grad():
-                extra.realized_error = rel(forward(loaded.model, probe, torch.float32), ref)
-            settings.append(extra)
+            setting = Setting(name, q, torch.float32, loaded.model, layout="slices" if q.get("aifs") else "gather")
+            variants = [setting]
+            if q.get("msq") and q["static"] and not q.get("aifs"):
+                # one image is one contiguous block in prompt order already: the same model with its runs sliced
+                variants.append(Setting("W8A8 MSQ, no AIFS, runs sliced", q, torch.float32, loaded.model,
+                                        layout="slices"))
+            for v in variants:
+                apply_layout(v)
+                v.noise_error = noise
+                v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
+                                                                  lambda: forward(loaded.model, probe, torch.float32),
+                                                                  ref)
+                v.kl = (kl_from(fp_logits, fake_logits),
+                        kl_from(fp_logits, [forward(loaded.model, p, torch.float32) for p in probes]), len(probes))
+            settings += variants
     return settings
+
+
+def with_input_noise(model: torch.nn.Module, run, size: float = 1e-7):
+    """``run()`` with every quantized layer's input multiplied by ``1 + size * N(0, 1)`` (elementwise): how far
+    float-rounding-sized changes -- the kind a different summation order makes -- move this model by themselves
+    (a quantized model is discontinuous: a code on a rounding boundary flips)."""
+    g = torch.Generator().manual_seed(0)
+
+    def perturb(module, args):
+        x = args[0]
+        return (x * (1 + size * torch.randn(x.shape, generator=g, dtype=x.dtype)), *args[1:])
+
+    hooks = [m.register_forward_pre_hook(perturb) for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        return run()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def realized_errors(model, originals: dict, run, ref: torch.Tensor) -> tuple[float, float]:
+    """Relative logit error of the realized model against the fake-quant logits ``ref``, and the worst relative
+    error of a realized layer against its fake-quant layer on the very same input."""
+    worst = [0.0]
+
+    def compare(name):
+        def hook(module, args, out):
+            worst[0] = max(worst[0], rel(out, originals[name](args[0])))
+        return hook
+
+    hooks = [m.register_forward_hook(compare(n)) for n, m in model.named_modules() if isinstance(m, RealQuantLinear)]
+    try:
+        out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return rel(out, ref), worst[0]
+
+
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, keeping the centring vectors of the rotation's float32 norms in float32 (their
+    forward computes in float32 and does not cast the buffer back)."""
+    from fake_quant.rotation_utils import RMSNorm
+
+    model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, RMSNorm) and m.center is not None:
+            m.center = m.center.float()
 
 
 def apply_layout(s: Setting) -> None:
@@ -368,15 +447,15 @@ def part_stack(args, modes) -> list[str]:
         return m
 
     calib = [stack_inputs(256, args.vocab, seed=s) for s in (1, 2)]
-    probe = stack_inputs(256, args.vocab, seed=3)
-    settings = build_settings(make_fp, adapter, calib, probe, stack_forward, args.backend)
+    probes = [stack_inputs(256, args.vocab, seed=s) for s in (3, 4, 5)]
+    settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend)
     out = []
     for nv in args.visual:
         inputs = stack_inputs(nv, args.vocab)
         dtype, why = choose_fp_dtype(settings, inputs, stack_forward)
         for s in settings:
             if s.quant:
-                s.model.to(dtype)
+                cast_model(s.model, dtype)
                 s.dtype = dtype
             s.times, s.linear_times, s.rss = {}, {}, {}
             s.weight_bytes = linear_bytes(s.model, "model.language_model.layers")
@@ -408,13 +487,13 @@ def part_minivlm(args, modes) -> list[str]:
         return adapter.build_inputs(base, Sample([datasets.image_of(r)], r["question"]), "cpu")
 
     calib = [batch(r) for r in calib_rows]
-    probe = batch(eval_rows[0])
+    probes = [batch(r) for r in eval_rows]
 
     def forward(model, inputs, dtype):
         b = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         return model(**b, use_cache=False, logits_to_keep=1).logits
 
-    settings = build_settings(lambda: base.model, adapter, calib, probe, forward, args.backend, visual_part=True)
+    settings = build_settings(lambda: base.model, adapter, calib, probes, forward, args.backend, visual_part=True)
     out = []
     for r in eval_rows[:1]:
         inputs = batch(r)
@@ -422,7 +501,7 @@ def part_minivlm(args, modes) -> list[str]:
         dtype, why = choose_fp_dtype(settings, inputs, forward)
         for s in settings:
             if s.quant:
-                s.model.to(dtype)
+                cast_model(s.model, dtype)
                 s.dtype = dtype
             s.weight_bytes = linear_bytes(s.model, llm_blocks)
         time_all(settings, inputs, args.repeats, modes, forward, llm_blocks)
