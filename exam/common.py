@@ -238,6 +238,9 @@ def _real_quant_errors(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
         realize.choose_backend(args.real_quant_backend)
     except realize.KernelUnavailable as e:
         errs.append(f"--real_quant: {e}")
+    if args.real_quant_fuse and not realize.cpp_compiler():
+        errs.append("--real_quant_fuse compiles the quantization with torch.compile, which needs a C++ compiler "
+                    "(g++ or clang++ on PATH, or $CXX); install one or drop --real_quant_fuse")
     return errs
 
 

@@ -109,6 +109,17 @@ def config_errors(cfg: QuantConfig) -> list[str]:
     return errs
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would use for the fused quantization, if there is one."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
 def choose_backend(name: str = "auto") -> str:
     """The kernel family for this CPU (``auto``) or the one asked for, after checking its ops exist."""
     if name not in BACKENDS:

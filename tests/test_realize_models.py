@@ -202,3 +202,14 @@ def test_real_quant_options_need_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main("qwen2vl", ["--model_path", "tiny", "--real_quant_fuse", "--output_dir", str(tmp_path)])
     assert "need --real_quant" in capsys.readouterr().err
+
+
+def test_real_quant_fuse_without_a_compiler_is_refused_first(tmp_path, capsys, monkeypatch):
+    import fake_quant.realize as rz
+
+    monkeypatch.setattr(rz, "cpp_compiler", lambda: None)
+    with pytest.raises(SystemExit):
+        main("qwen2vl", ["--model_path", "tiny", "--quant", "--quant_llm", "--llm_static", "--real_quant",
+                         "--real_quant_fuse", "--output_dir", str(tmp_path)])
+    assert "--real_quant_fuse compiles the quantization with torch.compile, which needs a C++ compiler" in \
+        capsys.readouterr().err
