@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if self.center is not None:
-            u = self.center.to(xf.device)
+            u = self.center.to(device=xf.device, dtype=xf.dtype)  # the stats run in float32 whatever the model dtype
             xf = xf - (xf @ u)[..., None] * u
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
