@@ -90,8 +90,7 @@ class ModelAdapter(ABC):
         inputs = proc(text=[prompt], images=list(sample.images) or None, return_tensors="pt",
                       **self.processor_kwargs(loaded, sample))
         inputs = self.complete_inputs(loaded, dict(inputs))
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return to_device(loaded, inputs, device)
 
     def processor_kwargs(self, loaded: Loaded, sample: Sample) -> dict:
         """Extra processor arguments for a sample (e.g. a dataset's image size)."""
@@ -121,6 +120,12 @@ class ModelAdapter(ABC):
     def decoding(self, loaded: Loaded) -> dict:
         """What ``generate`` gets for evaluation: the family's settings, overridden by ``loaded.generation``."""
         return {**self.generate_kwargs(loaded), **loaded.generation}
+
+
+def to_device(loaded: Loaded, inputs: dict, device: str) -> dict:
+    """Model inputs on ``device``; pixels also in the model's dtype (ids and masks keep theirs)."""
+    dtype = next(loaded.model.parameters()).dtype
+    return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
 
 
 def read_config(model_path: str) -> dict:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fake_quant.spec import AttentionSpec, BlockSpec, Reader, StackSpec, Writer
 
-from ..base import Loaded, ModelAdapter, Sample, Segment
+from ..base import Loaded, ModelAdapter, Sample, Segment, to_device
 from ..registry import register
 from .config import ARCHITECTURE
 
@@ -101,8 +101,7 @@ class GLM4VAdapter(ModelAdapter):
 
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
         inputs = loaded.processor(sample.question, list(sample.images))
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return to_device(loaded, inputs, device)
 
     def prompt(self, dataset_name: str, row: dict) -> str:
         """VLMEvalKit's GLM4v: the dataset's own prompt, plus "\\nShort Answer." for multiple-choice and yes / no

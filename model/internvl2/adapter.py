@@ -17,7 +17,7 @@ from torch import nn
 
 from fake_quant.spec import AttentionSpec, BlockSpec, Reader, StackSpec, Writer, get
 
-from ..base import Loaded, ModelAdapter, Sample, Segment
+from ..base import Loaded, ModelAdapter, Sample, Segment, to_device
 from ..llava import decoder_stack
 from ..registry import register
 
@@ -107,8 +107,7 @@ class InternVL2Adapter(ModelAdapter):
 
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
         inputs = loaded.processor(sample.question, sample.images, max_num=self.max_tiles(sample.meta.get("dataset")))
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return to_device(loaded, inputs, device)
 
     def prompt(self, dataset_name: str, row: dict) -> str:
         q = str(row["question"])

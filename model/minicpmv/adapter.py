@@ -21,7 +21,7 @@ from torch import nn
 
 from fake_quant.spec import AttentionSite, AttentionSpec, BlockSpec, Reader, StackSpec, Writer
 
-from ..base import Loaded, ModelAdapter, Sample, Segment
+from ..base import Loaded, ModelAdapter, Sample, Segment, to_device
 from ..llava import decoder_stack
 from ..registry import register
 
@@ -106,8 +106,7 @@ class MiniCPMVAdapter(ModelAdapter):
             seed = int(sample.index) if str(sample.index).isdigit() else 0
             images = [upsize(im, seed) for im in images]
         inputs = loaded.processor(sample.question, images, system=system)
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return to_device(loaded, inputs, device)
 
     def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:
         return loaded.model.image_slots(inputs["input_ids"])

@@ -23,7 +23,7 @@ from torch import nn
 
 from fake_quant.spec import AttentionSite, AttentionSpec, BlockSpec, Reader, StackSpec, Writer
 
-from ..base import Loaded, ModelAdapter, Sample, Segment
+from ..base import Loaded, ModelAdapter, Sample, Segment, to_device
 from ..registry import register
 
 VIS = "transformer.visual"
@@ -101,8 +101,7 @@ class QwenVLAdapter(ModelAdapter):
 
     def build_inputs(self, loaded: Loaded, sample: Sample, device: str) -> dict:
         inputs = loaded.processor(sample.question, list(sample.images))
-        dtype = next(loaded.model.parameters()).dtype
-        return {k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()}
+        return to_device(loaded, inputs, device)
 
     def visual_token_mask(self, loaded: Loaded, inputs: dict) -> torch.Tensor:
         return loaded.model.image_slots(inputs["input_ids"])
