@@ -127,7 +127,7 @@ def anls(answers: list[str], prediction: str, threshold: float = 0.5) -> float:
     for gt in answers:
         g = " ".join(gt.strip().lower().split())
         p = " ".join(pred.strip().lower().split())
-        length = max(len(gt), len(pred))  # the raw strings' lengths, as the reference measures them
+        length = max(len(gt.upper()), len(pred.upper()))  # raw strings, upper-cased ("ß" -> "SS"), as VLMEvalKit
         best = min(best, 0.0 if length == 0 else levenshtein(g, p) / length)
     s = 1.0 - best
     return 0.0 if s < threshold else s

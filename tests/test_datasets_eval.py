@@ -12,7 +12,7 @@ FIX = "tests/fixtures"
 
 
 def test_load_all_fixture_formats_and_resolve_mme_references():
-    for name, n in (("OCRBench", 12), ("MME", 10), ("TextVQA_VAL", 6), ("DocVQA_VAL", 5)):
+    for name, n in (("OCRBench", 12), ("MME", 10), ("TextVQA_VAL", 6), ("DocVQA_VAL", 6)):
         rows = datasets.load_rows(FIX, name)
         assert len(rows) == n
         assert datasets.image_of(rows[0]).size == (96, 64)

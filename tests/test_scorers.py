@@ -63,9 +63,10 @@ def test_vqa_normalization(raw, norm):
 
 def test_docvqa_hand_computed_and_threshold():
     rows = load_rows(FIX, "DocVQA_VAL")
-    preds = ["inv-2041", "Acme Corporation", "May 4 2020", "Jon Smyth", "1250"]
-    # 1, 1 (second answer exact), 1 - 1/11, 1 - 2/10, 1 - 4/8 = 0.5 (kept: only < 0.5 is zeroed)
-    expected = (1 + 1 + 10 / 11 + 0.8 + 0.5) / 5 * 100
+    preds = ["inv-2041", "Acme Corporation", "May 4 2020", "Jon Smyth", "1250", "Strase"]
+    # 1, 1 (second answer exact), 1 - 1/11, 1 - 2/10, 1 - 4/8 = 0.5 (kept: only < 0.5 is zeroed),
+    # 1 - 1/7: one edit, over the length of "STRASSE" (the upper-cased answer), not of "Straße"
+    expected = (1 + 1 + 10 / 11 + 0.8 + 0.5 + 6 / 7) / 6 * 100
     assert S.score("DocVQA_VAL", rows, preds)["Overall"] == pytest.approx(expected)
     assert S.anls(["abcdefghij"], "abcdeXXXXXX") == 0.0  # distance 6 / 11 -> 0.45 < 0.5 -> 0
     assert S.anls(["abcd"], "abcx") == pytest.approx(0.75)

@@ -16,7 +16,8 @@ def test_textvqa_and_docvqa_match_vlmevalkit():
     from vlmeval.dataset.utils.vqa_eval import hit_calculate, process_line
 
     for name, preds, method in (("TextVQA_VAL", ["Nike.", "two", "stop", "3,000", "10.30", "don't"], "vqa_score"),
-                                ("DocVQA_VAL", ["inv-2041", "Acme Corporation", "May 4 2020", "Jon Smyth", "1250"], "anls")):
+                                ("DocVQA_VAL", ["inv-2041", "Acme Corporation", "May 4 2020", "Jon Smyth", "1250", "Strase"],
+                                 "anls")):
         rows = load_rows(FIX, name)
         res = [process_line({"answer": r["answer"], "prediction": p}, method=method) for r, p in zip(rows, preds)]
         theirs = float(np.mean(hit_calculate(res, name))) * 100
