@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 
 import torch
@@ -69,7 +70,23 @@ def convert_lm(out_dir: str) -> str:
         raise RuntimeError(f"GGUF tensors do not match LlamaForCausalLM: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    drop_gguf_quantization_config(out_dir)
     return out_dir
+
+
+def drop_gguf_quantization_config(folder: str) -> bool:
+    """The saved tensors are plain float32, but the config inherits the GGUF loader's ``quantization_config``;
+    tools that refuse pre-quantized checkpoints (llm-compressor) would then refuse this folder. Remove it."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("quantization_config", {}).get("quant_method") != "gguf":
+        return False
+    del cfg["quantization_config"]
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +154,8 @@ def convert_all(cache: str | None = None) -> dict[str, str]:
     out = {"lm": os.path.join(cache, "smollm2-135m"), "vit": os.path.join(cache, "dinov2-s14")}
     if not os.path.isfile(os.path.join(out["lm"], "model.safetensors")):
         convert_lm(out["lm"])
+    else:
+        drop_gguf_quantization_config(out["lm"])  # folders converted before this was done on save
     if not os.path.isfile(os.path.join(out["vit"], "model.safetensors")):
         convert_vit(out["vit"])
     return out
