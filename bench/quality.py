@@ -9,9 +9,15 @@ subsets' scores and the next-token KL divergence from the FP32 model, teacher-fo
 + reference answer (all text positions after the image), for RTN / GPTQ, dynamic / static activations and
 MSQ / AIFS / RMS on and off. Calibration uses the SynthBench calibration files only.
 
-    python bench/quality.py [--part lm|vlm|all] [--only TEXT]
+    python bench/quality.py [--part lm|vlm|peer|all] [--only TEXT]
         part 1: [--lm DIR] [--nsamples 32] [--seqlen 256] [--eval_windows 48]
         part 2: [--eval_num 60] [--kl_rows 20]
+        peer:   [--peer_results peer.jsonl]
+
+Part ``peer``: SmolLM2-135M on a split shared with another tool (``pydoc_data.topics`` sorted, every 5th topic
+calibrates, the rest is scored, 512-token windows; see ``peer_split``), with the same settings as the other tool's
+configurations, so the two perplexities come from the same windows on the same machine. Give the other tool's
+JSONL with ``--peer_results`` to print both in one table; its split fingerprints must match ours.
 
 Caveat: the GGUF source stored this model's linear weights in 4 bits (Q4_1, blocks of 32), so W4 results are
 somewhat optimistic; A8 and W8 effects are realistic.
@@ -48,12 +54,45 @@ def text_windows(tokenizer, seqlen: int) -> tuple[list[torch.Tensor], list[torch
     return windows(keys[:half]), windows(keys[half:])
 
 
-def config(w_bits=16, a_bits=16, rtn=False, rotate=False, static=False) -> QuantConfig | None:
+PEER_WINDOW, PEER_CALIB = 512, 64
+
+
+def peer_split(tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """The fixed split shared with other tools (llm-compressor's side of the comparison uses the same one).
+
+    ``pydoc_data.topics`` sorted by name; topic i calibrates when i % 5 == 0 and is scored otherwise. Each set is
+    joined with a blank line and tokenized without special tokens; the evaluation stream is cut into every whole
+    512-token window, the calibration stream into its first 64 (or fewer) whole windows. Returns the calibration
+    and evaluation windows and fingerprints (the first 16 hex digits of SHA-256 of the int64 token ids) that must
+    match the other tool's before numbers are compared.
+    """
+    import hashlib
+
+    import pydoc_data.topics as topics
+
+    keys = sorted(topics.topics)
+    texts = ["\n\n".join(topics.topics[k] for i, k in enumerate(keys) if (i % 5 == 0) == calib)
+             for calib in (True, False)]
+
+    def windows(text: str, limit: int | None) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = len(ids) // PEER_WINDOW if limit is None else min(limit, len(ids) // PEER_WINDOW)
+        return torch.tensor(ids[: n * PEER_WINDOW], dtype=torch.long).view(n, PEER_WINDOW)
+
+    cal, ev = windows(texts[0], PEER_CALIB), windows(texts[1], None)
+    info = {"calib_ids_sha256_16": hashlib.sha256(cal.numpy().tobytes()).hexdigest()[:16],
+            "eval_ids_sha256_16": hashlib.sha256(ev.numpy().tobytes()).hexdigest()[:16],
+            "calib_windows": int(cal.shape[0]), "eval_windows": int(ev.shape[0])}
+    return [w[None] for w in cal], [w[None] for w in ev], info
+
+
+def config(w_bits=16, a_bits=16, rtn=False, rotate=False, static=False, clip=None, sink=False) -> QuantConfig | None:
     if w_bits == 16 and a_bits == 16 and not rotate:
         return None
-    c = QuantConfig(nsamples=1, calib_num=1, msq=False, seed=0)
+    c = QuantConfig(nsamples=1, calib_num=1, msq=False, seed=0, sink_scale=sink)
     c.llm.quantize = w_bits < 16 or a_bits < 16
-    c.llm.weight.bits, c.llm.weight.rtn, c.llm.weight.clip = w_bits, rtn, not rtn
+    c.llm.weight.bits, c.llm.weight.rtn = w_bits, rtn
+    c.llm.weight.clip = (not rtn) if clip is None else clip
     c.llm.act.bits, c.llm.act.static = a_bits, static
     c.gptq.act_order = not rtn
     if rotate:
@@ -76,6 +115,77 @@ SETTINGS = [
 ]
 
 
+# the peer comparison: (our setting, config() arguments, the peer tool's configuration of the same row)
+PEER_SETTINGS = [
+    ("FP32", {}, "fp32"),
+    ("W8A8 RTN, A8 per-token dynamic", dict(w_bits=8, a_bits=8, rtn=True), "w8a8_dyn"),
+    ("W8A8 RTN, A8 per-tensor static", dict(w_bits=8, a_bits=8, rtn=True, static=True), "w8a8_static"),
+    ("W4A16 GPTQ per-channel, act-order", dict(w_bits=4, clip=False), "w4a16_gptq"),
+    ("W4A16 GPTQ per-channel, act-order + MSE clip", dict(w_bits=4, clip=True), None),
+    ("W4A8 GPTQ, A8 per-token dynamic", dict(w_bits=4, a_bits=8, clip=False), "w4a8_gptq_dyn"),
+    ("W4A8 GPTQ + MSE clip, A8 per-token dynamic", dict(w_bits=4, a_bits=8, clip=True), None),
+    ("W4A8 rotation + online Hadamard + GPTQ, A8 dynamic", dict(w_bits=4, a_bits=8, rotate=True),
+     "spin_r1r2_w4a8_gptq_dyn"),
+    ("W4A8 rotation + online Hadamard + GPTQ, A8 static", dict(w_bits=4, a_bits=8, rotate=True, static=True),
+     "spin_r1r2_w4a8_gptq_static"),
+    ("W4A8 rotation + online Hadamard + GPTQ, A8 static + sink scale",
+     dict(w_bits=4, a_bits=8, rotate=True, static=True, sink=True), None),
+]
+
+
+def machine() -> str:
+    from fake_quant import cpu_isa
+
+    return (f"{cpu_isa.detect().describe()}; {os.cpu_count()} cores, {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}")
+
+
+def part_peer(args) -> None:
+    """Our settings on the shared split, next to the peer tool's numbers (``--peer_results``, its JSONL)."""
+    adapter = get_adapter("causal_lm")
+    calib, evals, info = peer_split(adapter.load(args.lm, "cpu", torch.float32).processor)
+    peer = {}
+    if args.peer_results:
+        with open(args.peer_results) as f:
+            for line in f:
+                r = json.loads(line)
+                if "ppl" not in r:
+                    continue
+                got = (r.get("split") or {}).get("eval_ids_sha256_16"), (r.get("split") or {}).get("calib_ids_sha256_16")
+                if got != (info["eval_ids_sha256_16"], info["calib_ids_sha256_16"]):
+                    raise SystemExit(f"{args.peer_results}: {r['config']} was scored on another split {got}; ours is "
+                                     f"{(info['eval_ids_sha256_16'], info['calib_ids_sha256_16'])}")
+                peer[r["config"]] = r
+    print(f"SmolLM2-135M-Instruct (the MiniVLM LM), fp32; the shared split of pydoc_data.topics: {info['calib_windows']} "
+          f"calibration and {info['eval_windows']} evaluation windows of {PEER_WINDOW} tokens (fingerprints eval "
+          f"{info['eval_ids_sha256_16']}, calib {info['calib_ids_sha256_16']})\nmachine: {machine()}\n")
+    print("| setting | perplexity | quantize s | peer perplexity | peer quantize s |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for name, kw, peer_name in PEER_SETTINGS:
+        if args.only and name != "FP32" and args.only not in name:
+            continue
+        loaded = adapter.load(args.lm, "cpu", torch.float32)
+        cfg = config(**kw)
+        t0 = time.perf_counter()
+        if cfg is not None:
+            cfg.nsamples = cfg.calib_num = len(calib)
+            batches = [{"input_ids": w} for w in calib]
+            pipeline.run(cfg, adapter, loaded, batches, batches if cfg.llm.act.static else [])
+        seconds = time.perf_counter() - t0
+        ppl = perplexity(loaded.model, evals)
+        p = peer.get(peer_name, {})
+        rows.append({"setting": name, "ppl": ppl, "quantize_s": seconds, "peer_config": peer_name,
+                     "peer_ppl": p.get("ppl"), "peer_quantize_s": p.get("quantize_s")})
+        cell = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+        print(f"| {name} | {ppl:.3f} | {seconds:.0f} | {cell(p.get('ppl'), '.3f')} | "
+              f"{cell(p.get('quantize_s'), '.0f')} |", flush=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "peer_split.json"), "w") as f:
+            json.dump({"split": info, "machine": machine(), "rows": rows}, f, indent=2)
+    print()
+
+
 @torch.no_grad()
 def perplexity(model, windows) -> float:
     nll, count = 0.0, 0
@@ -88,7 +198,10 @@ def perplexity(model, windows) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["lm", "vlm", "all"])
+    ap.add_argument("--part", default="all", choices=["lm", "vlm", "peer", "all"],
+                    help="peer: the shared split next to llm-compressor's numbers (not part of 'all')")
+    ap.add_argument("--peer_results", default=None,
+                    help="part peer: the peer tool's JSONL (--out) to put beside ours; its split must be ours")
     ap.add_argument("--lm", default=os.path.join(default_cache(), "smollm2-135m"))
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256)
@@ -106,6 +219,8 @@ def main() -> None:
         part_lm(args)
     if args.part in ("vlm", "all"):
         part_vlm(args)
+    if args.part == "peer":
+        part_peer(args)
 
 
 def part_lm(args) -> None:

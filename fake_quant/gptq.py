@@ -80,20 +80,55 @@ class GPTQ:
         act_order: bool = False,
         static_groups: bool = False,
     ) -> WeightQuantResult:
+        return self.quantize_many([weight], quantizer, blocksize, percdamp, act_order, static_groups)[0]
+
+    @torch.no_grad()
+    def quantize_many(
+        self,
+        weights: list[torch.Tensor],
+        quantizer: WeightQuantizer,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        act_order: bool = False,
+        static_groups: bool = False,
+    ) -> list[WeightQuantResult]:
+        """Quantize several weights that read the same input (q, k and v; gate and up) against this one
+        Hessian. GPTQ treats every output row on its own, so the rows are stacked and go through the column
+        loop once; each result is the same as quantizing that weight alone, up to float summation order."""
         if self.nsamples == 0:
             raise RuntimeError("GPTQ has no calibration data: feed inputs with add_batch() first")
-        if weight.shape[1] != self.in_features:
-            raise ValueError(f"weight has {weight.shape[1]} input columns, Hessian has {self.in_features}")
+        for w in weights:
+            if w.dim() != 2 or w.shape[1] != self.in_features:
+                raise ValueError(f"weight has {w.shape[-1]} input columns, Hessian has {self.in_features}")
         if not percdamp > 0:
             raise ValueError(f"percdamp must be > 0, got {percdamp}")
         t0 = time.perf_counter()
-        rows, cols = weight.shape
+        sizes = [w.shape[0] for w in weights]
+        W = torch.cat([w.detach().to(self.H.device, torch.float32) for w in weights], dim=0)
+        Q, qparams, g_idx, losses = self._quantize(W, quantizer, blocksize, percdamp, act_order, static_groups)
+        seconds = time.perf_counter() - t0
+        out = []
+        for w, q, sc, zp, loss in zip(weights, Q.split(sizes), qparams.scale.split(sizes),
+                                      qparams.zero_point.split(sizes), losses.split(sizes)):
+            out.append(WeightQuantResult(
+                weight=q.to(w.device, w.dtype, copy=True),  # own storage, not views of the stacked tensors
+                qparams=QParams(sc.clone(), zp.clone()),
+                g_idx=None if g_idx is None else g_idx.clone(),
+                loss=float(loss.sum()),
+                output_mse=self.output_mse(w, q),
+                seconds=seconds * w.shape[0] / sum(sizes),
+            ))
+        return out
+
+    def _quantize(self, W: torch.Tensor, quantizer: WeightQuantizer, blocksize: int, percdamp: float,
+                  act_order: bool, static_groups: bool):
+        """GPTQ on a float32 ``W`` (modified in place). Returns (Q, qparams, g_idx, per-row losses)."""
+        rows, cols = W.shape
         gs = quantizer.group_size
         if gs and cols % gs:
             raise ValueError(f"group size {gs} does not divide the {cols} input columns")
         bt = quantizer.bit_type
 
-        W = weight.detach().to(self.H.device, torch.float32).clone()
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
@@ -160,15 +195,7 @@ class GPTQ:
             )
         else:
             qparams = qp
-        out = Q.to(weight.device, weight.dtype)
-        return WeightQuantResult(
-            weight=out,
-            qparams=qparams,
-            g_idx=g_idx,
-            loss=float(losses.sum()),
-            output_mse=self.output_mse(weight, Q),
-            seconds=time.perf_counter() - t0,
-        )
+        return Q, qparams, g_idx, losses
 
     def free(self) -> None:
         self.H = None

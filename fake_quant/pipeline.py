@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -127,7 +128,7 @@ def _weight_quantizer(part: PartConfig, in_features: int | None = None) -> Weigh
     gs = w.group_size if w.group_size > 0 else None
     if gs is not None and in_features is not None and in_features % gs:
         gs = None
-    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=gs, mse=w.clip)
+    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=gs, mse=w.clip, full_range=w.full_range)
 
 
 def linears_in(model: nn.Module, path: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:
@@ -229,8 +230,8 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, key: hidden}
 
 
-def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, kwargs) -> list[list[str]]:
-    """Linears in the order they run; consecutive ones reading the same tensor form one group."""
+def _trace(module: nn.Module, qlinears: dict[str, QuantLinear], args, kwargs) -> list[tuple[str, torch.Tensor]]:
+    """(name, input) of every linear call of one forward of ``module``, in order."""
     # the input tensors themselves are kept (not their id()): a freed tensor's id can be reused by
     # a later, unrelated one, which would merge layers that do not share an input
     order: list[tuple[str, torch.Tensor]] = []
@@ -243,6 +244,10 @@ def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, 
     finally:
         for h in hooks:
             h.remove()
+    return order
+
+
+def _groups_from_trace(order: list[tuple[str, torch.Tensor]], qlinears) -> list[list[str]]:
     groups: list[list[str]] = []
     seen = set()
     last_input = None
@@ -259,35 +264,86 @@ def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, 
     return groups
 
 
-def _quantize_group(names, qlinears, module, inputs, cfg: QuantConfig, report: PipelineReport) -> None:
-    gptq_names = [n for n in names if qlinears[n].weight_quantizer is not None and not _is_rtn(qlinears[n], cfg)]
-    collectors = {}
-    for n in gptq_names:
-        g = GPTQ(qlinears[n].in_features, device=qlinears[n].weight.device)
-        collectors[n] = g
-        qlinears[n].capture = g.add_batch
+def execution_groups(module: nn.Module, qlinears: dict[str, QuantLinear], args, kwargs) -> list[list[str]]:
+    """Linears in the order they run; consecutive ones reading the same tensor form one group."""
+    return _groups_from_trace(_trace(module, qlinears, args, kwargs), qlinears)
+
+
+def _share_key(ql: QuantLinear):
+    """Linears of one execution group read the same tensor; those with no online transform (or the same
+    one) also see the same input after it, so one Hessian serves them all."""
+    return id(ql.online_rotation) if ql.use_online_rotation and ql.online_rotation is not None else None
+
+
+def _collect_hessians(groups: list[list[str]], qlinears, module, inputs, cfg: QuantConfig,
+                      called_once: set[str] = frozenset()) -> dict[str, GPTQ]:
+    """One pass of the block over ``inputs`` feeding one Hessian per group of linears sharing an input.
+    When every feeding linear runs once per forward (``called_once``), the pass stops right after the last
+    of them: the rest of the block is not needed for these Hessians."""
+    collectors: dict[str, GPTQ] = {}
+    feeding: list[tuple[QuantLinear, GPTQ]] = []
+    for names in groups:
+        shared: dict = {}
+        for n in names:
+            ql = qlinears[n]
+            if ql.weight_quantizer is None or _is_rtn(ql, cfg):
+                continue
+            key = _share_key(ql)
+            if key not in shared:
+                shared[key] = GPTQ(ql.in_features, device=ql.weight.device)
+                feeding.append((n, ql, shared[key]))
+            collectors[n] = shared[key]
+    stop = bool(feeding) and all(n in called_once for n, _, _ in feeding)
+    for i, (_, ql, g) in enumerate(feeding):
+        ql.capture = _stopping(g.add_batch) if stop and i == len(feeding) - 1 else g.add_batch
     try:
         if collectors:
             with torch.no_grad():
                 for args, kwargs in inputs:
-                    _run(module, args, kwargs)
+                    try:
+                        _run(module, args, kwargs)
+                    except _Stop:
+                        pass
     finally:
-        for n in gptq_names:
-            qlinears[n].capture = None
+        for _, ql, _ in feeding:
+            ql.capture = None
+    return collectors
+
+
+def _stopping(feed: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
+    def capture(x: torch.Tensor) -> None:
+        feed(x)
+        raise _Stop
+
+    return capture
+
+
+def _quantize_collected(names: list[str], qlinears, collectors: dict[str, GPTQ], cfg: QuantConfig,
+                        report: PipelineReport) -> None:
+    """Quantize ``names``: GPTQ for those with a Hessian (stacked where they share it and their weight
+    quantizers agree), RTN for the rest."""
+    batches: dict[tuple, list[str]] = {}
     for n in names:
         ql = qlinears[n]
         if ql.weight_quantizer is None:
             continue
-        if n in collectors:
-            res = collectors[n].quantize(ql.weight, ql.weight_quantizer, blocksize=cfg.gptq.blocksize,
-                                         percdamp=cfg.gptq.percdamp, act_order=cfg.gptq.act_order,
-                                         static_groups=cfg.gptq.static_groups)
-            ql.set_quantized_weight_(res.weight, res.qparams)
-            report.layers[n] = {"method": "gptq", "output_mse": res.output_mse, "seconds": res.seconds}
-            collectors[n].free()
-        else:
+        if n not in collectors:
             ql.quantize_weight_()
             report.layers[n] = {"method": "rtn"}
+            continue
+        key = (id(collectors[n]), repr(ql.weight_quantizer), ql.weight.dtype, ql.weight.device)
+        batches.setdefault(key, []).append(n)
+    for members in batches.values():
+        g = collectors[members[0]]
+        results = g.quantize_many([qlinears[n].weight for n in members], qlinears[members[0]].weight_quantizer,
+                                  blocksize=cfg.gptq.blocksize, percdamp=cfg.gptq.percdamp,
+                                  act_order=cfg.gptq.act_order, static_groups=cfg.gptq.static_groups)
+        for n, res in zip(members, results):
+            qlinears[n].set_quantized_weight_(res.weight, res.qparams)
+            report.layers[n] = {"method": "gptq", "output_mse": res.output_mse, "seconds": res.seconds}
+    for n in names:
+        if n in collectors:
+            collectors[n].free()
 
 
 def _is_rtn(ql: QuantLinear, cfg: QuantConfig) -> bool:
@@ -325,8 +381,17 @@ def _quantize_block(model: nn.Module, path: str, inputs: list[tuple], cfg: Quant
             q.enabled = False
     try:
         if qlinears:
-            for names in execution_groups(module, qlinears, *inputs[0]):
-                _quantize_group(names, qlinears, module, inputs, cfg, report)
+            order = _trace(module, qlinears, *inputs[0])
+            groups = _groups_from_trace(order, qlinears)
+            calls = Counter(n for n, _ in order)
+            once = {n for n, c in calls.items() if c == 1}
+            if cfg.gptq.true_sequential:  # each group's Hessian sees the groups before it quantized
+                for names in groups:
+                    collectors = _collect_hessians([names], qlinears, module, inputs, cfg, once)
+                    _quantize_collected(names, qlinears, collectors, cfg, report)
+            else:  # every Hessian from one pass with the block's FP weights
+                collectors = _collect_hessians(groups, qlinears, module, inputs, cfg, once)
+                _quantize_collected([n for names in groups for n in names], qlinears, collectors, cfg, report)
     finally:
         for q in wqs.values():
             if q is not None:

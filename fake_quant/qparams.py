@@ -93,11 +93,13 @@ def sample_view(x2d: torch.Tensor, granularity: Granularity, group_size: int | N
 
 
 def qparams_from_range(
-    lo: torch.Tensor, hi: torch.Tensor, bit_type: BitType, symmetric: bool
+    lo: torch.Tensor, hi: torch.Tensor, bit_type: BitType, symmetric: bool, full_range: bool = False
 ) -> QParams:
     """Scale / zero point that map ``[lo, hi]`` onto ``bit_type``'s grid.
 
-    Symmetric: ``scale = max(|lo|, |hi|) / qmax`` on a signed grid, zero point 0.
+    Symmetric: ``scale = max(|lo|, |hi|) / qmax`` on a signed grid, zero point 0. With ``full_range``
+    the divisor is ``qmax + 1/2`` (7.5 for int4): the step is as if all ``2**bits`` levels spanned
+    ``[-absmax, absmax]``, so ``-absmax`` maps to ``qmin`` and ``+absmax`` clips to ``qmax``.
     Asymmetric: the range is widened to contain 0 (so 0 is exactly representable),
     ``scale = (hi - lo) / (qmax - qmin)`` on an unsigned grid, integer zero point.
     """
@@ -107,7 +109,7 @@ def qparams_from_range(
         if not bit_type.signed:
             raise ValueError("symmetric quantization needs a signed bit type")
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / bit_type.qmax).clamp_min(MIN_SCALE)
+        scale = (amax / (bit_type.qmax + (0.5 if full_range else 0.0))).clamp_min(MIN_SCALE)
         zero = torch.zeros_like(scale)
     else:
         if bit_type.signed:

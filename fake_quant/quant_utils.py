@@ -64,6 +64,7 @@ class WeightQuantizer:
     grid: int = 100
     maxshrink: float = 0.8
     norm: float = 2.4
+    full_range: bool = False  # symmetric scale absmax / (qmax + 1/2): see qparams_from_range
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -82,8 +83,10 @@ class WeightQuantizer:
         gran = Granularity.ROW if per_row else self.granularity
         view = sample_view(w.float(), gran, self.group_size)
         if self.mse:
-            return mse_search(view, self.bit_type, self.symmetric, self.grid, self.maxshrink, self.norm)
-        return qparams_from_range(view.amin(dim=-1), view.amax(dim=-1), self.bit_type, self.symmetric)
+            return mse_search(view, self.bit_type, self.symmetric, self.grid, self.maxshrink, self.norm,
+                              self.full_range)
+        return qparams_from_range(view.amin(dim=-1), view.amax(dim=-1), self.bit_type, self.symmetric,
+                                  self.full_range)
 
     @torch.no_grad()
     def quantize(self, w: torch.Tensor, qp: QParams | None = None, per_row: bool = False) -> torch.Tensor:

@@ -120,3 +120,40 @@ def test_clear_errors():
         g.add_batch(torch.randn(2, 9))
     with pytest.raises(ValueError, match="percdamp must be > 0"):
         g.quantize(torch.randn(4, 8), WeightQuantizer(), percdamp=0)
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_weights_quantize_as_each_alone(setup, group_size, act_order):
+    """q, k and v (or gate and up) share one Hessian and go through the column loop together: each result
+    is what quantizing that weight alone gives."""
+    x, _, g = setup
+    ws = [layer(out, seed=s) for out, s in ((48, 3), (16, 4), (32, 5))]
+    q = WeightQuantizer(bits=4, group_size=group_size)
+    stacked = g.quantize_many(ws, q, act_order=act_order)
+    for w, st in zip(ws, stacked):
+        alone = g.quantize(w, q, act_order=act_order)
+        assert st.weight.shape == w.shape
+        assert torch.allclose(st.weight, alone.weight, atol=1e-6)
+        assert torch.allclose(st.qparams.scale, alone.qparams.scale)
+        assert st.output_mse == pytest.approx(alone.output_mse, rel=1e-5)
+        assert st.loss == pytest.approx(alone.loss, rel=1e-5)
+        assert st.output_mse == pytest.approx(true_output_mse(x, w, st.weight), rel=1e-3)
+    with pytest.raises(ValueError, match="input columns"):
+        g.quantize_many([ws[0], torch.randn(4, 7)], q)
+
+
+def test_full_range_symmetric_grid():
+    """``full_range``: the int4 step is absmax / 7.5, so -absmax lands on -8 and +absmax clips to 7."""
+    w = torch.tensor([[-3.0, -1.0, 0.2, 2.9], [1.5, -0.5, 0.7, 0.1]])
+    full = WeightQuantizer(bits=4, full_range=True)
+    qp = full.find_params(w)
+    assert torch.allclose(qp.scale, torch.tensor([3.0 / 7.5, 1.5 / 7.5]))
+    codes = torch.round(w / qp.scale[:, None]).clamp(-8, 7)
+    assert codes[0, 0] == -8 and codes[1, 0] == 7
+    assert torch.allclose(full.quantize(w), codes * qp.scale[:, None])
+    assert torch.allclose(WeightQuantizer(bits=4).find_params(w).scale, torch.tensor([3.0 / 7, 1.5 / 7]))
+    # the MSE search starts from the same range and never ends worse than it
+    mse = WeightQuantizer(bits=4, full_range=True, mse=True)
+    err = lambda q: (q.quantize(w) - w).abs().pow(2.4).sum(1)  # noqa: E731
+    assert (err(mse) <= err(full) + 1e-7).all()

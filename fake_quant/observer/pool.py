@@ -99,15 +99,16 @@ class MseObserver(SamplePoolObserver):
 
 
 def mse_search(
-    samples: torch.Tensor, bit_type, symmetric: bool, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4
+    samples: torch.Tensor, bit_type, symmetric: bool, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4,
+    full_range: bool = False,
 ) -> QParams:
     """Per-position shrink search over ``samples`` shaped ``[*positions, n]`` (see MseObserver)."""
     lo, hi = samples.amin(dim=-1), samples.amax(dim=-1)
-    best = qparams_from_range(lo, hi, bit_type, symmetric)
+    best = qparams_from_range(lo, hi, bit_type, symmetric, full_range)
     best_err = _err(samples, best, bit_type, norm)
     for i in range(1, max(1, int(maxshrink * grid))):
         r = 1.0 - i / grid
-        cand = qparams_from_range(lo * r, hi * r, bit_type, symmetric)
+        cand = qparams_from_range(lo * r, hi * r, bit_type, symmetric, full_range)
         err = _err(samples, cand, bit_type, norm)
         better = err < best_err
         if better.any():
