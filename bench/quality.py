@@ -121,9 +121,7 @@ PEER_SETTINGS = [
     ("W8A8 RTN, A8 per-token dynamic", dict(w_bits=8, a_bits=8, rtn=True), "w8a8_dyn"),
     ("W8A8 RTN, A8 per-tensor static", dict(w_bits=8, a_bits=8, rtn=True, static=True), "w8a8_static"),
     ("W4A16 GPTQ per-channel, act-order", dict(w_bits=4, clip=False), "w4a16_gptq"),
-    ("W4A16 GPTQ per-channel, act-order + MSE clip", dict(w_bits=4, clip=True), None),
     ("W4A8 GPTQ, A8 per-token dynamic", dict(w_bits=4, a_bits=8, clip=False), "w4a8_gptq_dyn"),
-    ("W4A8 GPTQ + MSE clip, A8 per-token dynamic", dict(w_bits=4, a_bits=8, clip=True), None),
     ("W4A8 rotation + online Hadamard + GPTQ, A8 dynamic", dict(w_bits=4, a_bits=8, rotate=True),
      "spin_r1r2_w4a8_gptq_dyn"),
     ("W4A8 rotation + online Hadamard + GPTQ, A8 static", dict(w_bits=4, a_bits=8, rotate=True, static=True),
@@ -131,6 +129,10 @@ PEER_SETTINGS = [
     ("W4A8 rotation + online Hadamard + GPTQ, A8 static + sink scale",
      dict(w_bits=4, a_bits=8, rotate=True, static=True, sink=True), None),
 ]
+
+
+def selected(args, name: str) -> bool:
+    return not args.only or name == "FP32" or any(t.strip() and t.strip() in name for t in args.only.split(","))
 
 
 def machine() -> str:
@@ -163,7 +165,7 @@ def part_peer(args) -> None:
     print("|---|---|---|---|---|")
     rows = []
     for name, kw, peer_name in PEER_SETTINGS:
-        if args.only and name != "FP32" and args.only not in name:
+        if not selected(args, name):
             continue
         loaded = adapter.load(args.lm, "cpu", torch.float32)
         cfg = config(**kw)
@@ -209,7 +211,8 @@ def main() -> None:
     ap.add_argument("--eval_num", type=int, default=60, help="part 2: SynthBench rows scored per subset")
     ap.add_argument("--kl_rows", type=int, default=20, help="part 2: rows per subset for the KL divergence")
     ap.add_argument("--output_dir", default="outputs/quality")
-    ap.add_argument("--only", default=None, help="run only the settings whose name contains this text (and FP32)")
+    ap.add_argument("--only", default=None,
+                    help="run only the settings whose name contains this text (and FP32); several texts: comma-separated")
     args = ap.parse_args()
     if not os.path.isfile(os.path.join(args.lm, "config.json")):
         raise SystemExit(f"{args.lm} has no converted model: run `make minivlm` first")
@@ -233,7 +236,7 @@ def part_lm(args) -> None:
     print("|---|---|---|---|")
     fp = None
     for name, kw in SETTINGS:
-        if args.only and name != "FP32" and args.only not in name:
+        if not selected(args, name):
             continue
         loaded = adapter.load(args.lm, "cpu", torch.float32)
         t0 = time.perf_counter()
@@ -323,7 +326,7 @@ def part_vlm(args) -> None:
     print("|---|" + "---|" * (len(synthbench.SUBSETS) + 3))
     ref, table = None, {}
     for name, flags in VLM_SETTINGS:
-        if args.only and name != "FP32" and args.only not in name:
+        if not selected(args, name):
             continue
         t0 = time.perf_counter()
         loaded = quantized_minivlm(adapter, flags, calib, 32, 64)

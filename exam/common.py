@@ -109,6 +109,9 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--w_groupsize", type=int, default=-1)
     g.add_argument("--a_groupsize", type=int, default=-1)
     g.add_argument("--w_asym", action="store_true")
+    g.add_argument("--w_qmax_scale", action="store_true",
+                   help="symmetric weight scale absmax / qmax (absmax / 7 for int4, the QuaRot and MQuant reference "
+                        "convention) instead of the default absmax / (qmax + 1/2), which also uses the -8 level")
     g.add_argument("--a_asym", action="store_true")
     g.add_argument("--a_clip_ratio", type=float, default=1.0)
     g.add_argument("--act_per_tensor", action="store_true", help="dynamic per-tensor instead of per-token activations")
@@ -120,6 +123,10 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--llm_w_rtn", action="store_true", help="round-to-nearest instead of GPTQ for LLM weights")
     g.add_argument("--percdamp", type=float, default=0.01)
     g.add_argument("--act_order", action="store_true")
+    g.add_argument("--gptq_true_sequential", action="store_true",
+                   help="inside a block, calibrate each group of linears (q/k/v, o, gate/up, down) on the outputs of "
+                        "the groups before it once they are quantized (default: every linear's Hessian from one pass "
+                        "of the block with its float weights)")
     g.add_argument("--msq", dest="msq", action="store_true", default=True,
                    help="modality-specific quantization: with --llm_static, separate static scales for visual and "
                         "text tokens in the LLM (default)")
@@ -165,7 +172,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
     def part(name: str, quantize: bool, w_bits, a_bits, static, w_clip, w_rtn) -> PartConfig:
         return PartConfig(
             name=name, quantize=args.quant and quantize,
-            weight=WeightConfig(bits=w_bits, symmetric=not args.w_asym, group_size=args.w_groupsize, clip=w_clip, rtn=w_rtn),
+            weight=WeightConfig(bits=w_bits, symmetric=not args.w_asym, group_size=args.w_groupsize, clip=w_clip, rtn=w_rtn,
+                                full_range=not args.w_qmax_scale),
             act=ActConfig(bits=a_bits, symmetric=not args.a_asym, static=static, per_tensor=args.act_per_tensor,
                           group_size=args.a_groupsize, clip_ratio=args.a_clip_ratio),
         )
@@ -176,7 +184,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         llm=part("llm", args.quant_llm, args.llm_w_bits, args.llm_a_bits, args.llm_static, args.llm_w_clip, args.llm_w_rtn),
         connector=args.quant and args.quant_cross_attention,
         msq=args.msq, aifs=args.aifs, sink_scale=args.sink_scale,
-        gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order),
+        gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order, true_sequential=args.gptq_true_sequential),
         rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
                                 online_llm_hadamard=args.online_llm_hadamard, fp32_had=args.fp32_had,
@@ -452,12 +460,14 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
 
 def _config_from_dict(d: dict) -> QuantConfig:
     def part(p):
-        return PartConfig(name=p["name"], quantize=p["quantize"], weight=WeightConfig(**p["weight"]), act=ActConfig(**p["act"]))
+        # dumps written before full_range existed used absmax / qmax
+        weight = WeightConfig(**{"full_range": False, **p["weight"]})
+        return PartConfig(name=p["name"], quantize=p["quantize"], weight=weight, act=ActConfig(**p["act"]))
 
     return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"], msq=d.get("msq", True),
                        aifs=d.get("aifs", False), sink_scale=d.get("sink_scale", False),
-                       gptq=GPTQConfig(**d["gptq"]), rotation=RotationConfig(**d["rotation"]), rms=RMSConfig(**d["rms"]),
-                       nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
+                       gptq=GPTQConfig(**{"true_sequential": True, **d["gptq"]}), rotation=RotationConfig(**d["rotation"]),
+                       rms=RMSConfig(**d["rms"]), nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
 
 
 def _summary(r: dict, path: str) -> str:

@@ -22,7 +22,7 @@ class WeightConfig:
     group_size: int = -1        # --w_groupsize; -1 = per output channel
     clip: bool = False          # --{part}_w_clip: MSE clip search
     rtn: bool = False           # --{part}_w_rtn: round-to-nearest instead of GPTQ
-    full_range: bool = False    # symmetric scale absmax / (qmax + 1/2) instead of absmax / qmax
+    full_range: bool = True     # symmetric scale absmax / (qmax + 1/2); --w_qmax_scale: absmax / qmax
 
     @property
     def enabled(self) -> bool:
@@ -71,7 +71,7 @@ class GPTQConfig:
     act_order: bool = False     # --act_order
     blocksize: int = 128
     static_groups: bool = False
-    true_sequential: bool = True  # a block's later layers see the earlier layers' quantized outputs
+    true_sequential: bool = False  # --gptq_true_sequential: later groups of a block see the earlier ones quantized
 
 
 @dataclass

@@ -64,7 +64,7 @@ class WeightQuantizer:
     grid: int = 100
     maxshrink: float = 0.8
     norm: float = 2.4
-    full_range: bool = False  # symmetric scale absmax / (qmax + 1/2): see qparams_from_range
+    full_range: bool = True   # symmetric scale absmax / (qmax + 1/2): see qparams_from_range
     enabled: bool = True
 
     def __post_init__(self) -> None:
