@@ -157,3 +157,15 @@ def test_full_range_symmetric_grid():
     mse = WeightQuantizer(bits=4, full_range=True, mse=True)
     err = lambda q: (q.quantize(w) - w).abs().pow(2.4).sum(1)  # noqa: E731
     assert (err(mse) <= err(full) + 1e-7).all()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_full_range_grid_gives_gptq_a_smaller_output_error(setup, seed, act_order):
+    """The default int4 grid (step absmax / 7.5, -8 used) against the old one (absmax / 7): GPTQ's output
+    error on the calibration inputs is measurably smaller (7-14% on these layers)."""
+    x, _, g = setup
+    w = layer(seed=seed)
+    old = g.quantize(w, WeightQuantizer(bits=4, full_range=False), act_order=act_order)
+    new = g.quantize(w, WeightQuantizer(bits=4), act_order=act_order)
+    assert true_output_mse(x, w, new.weight) < 0.95 * true_output_mse(x, w, old.weight)
