@@ -131,8 +131,9 @@ PEER_SETTINGS = [
 ]
 
 
-def selected(args, name: str) -> bool:
-    return not args.only or name == "FP32" or any(t.strip() and t.strip() in name for t in args.only.split(","))
+def selected(args, name: str, fp_always: bool = True) -> bool:
+    return (not args.only or (fp_always and name == "FP32")
+            or any(t.strip() and t.strip() in name for t in args.only.split(",")))
 
 
 def machine() -> str:
@@ -165,7 +166,7 @@ def part_peer(args) -> None:
     print("|---|---|---|---|---|")
     rows = []
     for name, kw, peer_name in PEER_SETTINGS:
-        if not selected(args, name):
+        if not selected(args, name, fp_always=False):  # no column here is relative to FP32
             continue
         loaded = adapter.load(args.lm, "cpu", torch.float32)
         cfg = config(**kw)

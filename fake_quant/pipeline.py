@@ -128,7 +128,10 @@ def _weight_quantizer(part: PartConfig, in_features: int | None = None) -> Weigh
     gs = w.group_size if w.group_size > 0 else None
     if gs is not None and in_features is not None and in_features % gs:
         gs = None
-    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=gs, mse=w.clip, full_range=w.full_range)
+    # a one-column weight (an RMS branch) is exact on the absmax / qmax grid: every value is its row's absmax,
+    # which the full-range grid would round to -8 or 7 steps of absmax / 7.5 (6.7% off)
+    full_range = w.full_range and in_features != 1
+    return WeightQuantizer(bits=w.bits, symmetric=w.symmetric, group_size=gs, mse=w.clip, full_range=full_range)
 
 
 def linears_in(model: nn.Module, path: str, skip: tuple[str, ...]) -> dict[str, nn.Module]:

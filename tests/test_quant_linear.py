@@ -45,7 +45,7 @@ def test_weight_quantized_in_place_once():
     assert ql.weight_quantized and not torch.equal(lin.weight, w0)
     assert torch.allclose(ql(x), on_the_fly)
     assert torch.allclose(ql.weight_scale, qp.scale)
-    assert torch.equal(WeightQuantizer(3).quantize(ql.weight), ql.weight.data)  # already on the grid
+    assert torch.equal(WeightQuantizer(3).quantize(ql.weight, qp), ql.weight.data)  # already on its grid
 
 
 def test_find_linears_skips_names():

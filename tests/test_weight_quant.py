@@ -24,9 +24,10 @@ def test_mse_clip_never_worse_than_no_clip(symmetric, group_size):
 
 def test_rtn_per_channel_matches_manual():
     w = torch.randn(5, 12)
-    q = WeightQuantizer(bits=4).quantize(w)
-    s = w.abs().amax(1, keepdim=True) / 7
-    assert torch.allclose(q, torch.clamp(torch.round(w / s), -8, 7) * s)
+    for kw, div in (({}, 7.5), ({"full_range": False}, 7)):  # default: all 16 levels; absmax / qmax on request
+        q = WeightQuantizer(bits=4, **kw).quantize(w)
+        s = w.abs().amax(1, keepdim=True) / div
+        assert torch.allclose(q, torch.clamp(torch.round(w / s), -8, 7) * s)
 
 
 def test_group_params_shape():
