@@ -284,7 +284,7 @@ def _collect_hessians(groups: list[list[str]], qlinears, module, inputs, cfg: Qu
     When every feeding linear runs once per forward (``called_once``), the pass stops right after the last
     of them: the rest of the block is not needed for these Hessians."""
     collectors: dict[str, GPTQ] = {}
-    feeding: list[tuple[QuantLinear, GPTQ]] = []
+    feeding: list[tuple[str, QuantLinear, GPTQ]] = []
     for names in groups:
         shared: dict = {}
         for n in names:
