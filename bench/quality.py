@@ -143,6 +143,19 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def quantized_lm(adapter, path: str, kw: dict, calib: list[torch.Tensor]):
+    """SmolLM2 loaded and run through the pipeline with ``config(**kw)`` on the calibration windows (GPTQ and,
+    for static settings, the activation scales). Returns it and the quantize seconds (loading excluded)."""
+    loaded = adapter.load(path, "cpu", torch.float32)
+    cfg = config(**kw)
+    t0 = time.perf_counter()
+    if cfg is not None:
+        cfg.nsamples = cfg.calib_num = len(calib)
+        batches = [{"input_ids": w} for w in calib]
+        pipeline.run(cfg, adapter, loaded, batches, batches if cfg.llm.act.static else [])
+    return loaded, time.perf_counter() - t0
+
+
 def part_peer(args) -> None:
     """Our settings on the shared split, next to the peer tool's numbers (``--peer_results``, its JSONL)."""
     adapter = get_adapter("causal_lm")
@@ -159,23 +172,17 @@ def part_peer(args) -> None:
                     raise SystemExit(f"{args.peer_results}: {r['config']} was scored on another split {got}; ours is "
                                      f"{(info['eval_ids_sha256_16'], info['calib_ids_sha256_16'])}")
                 peer[r["config"]] = r
+    where = machine()
     print(f"SmolLM2-135M-Instruct (the MiniVLM LM), fp32; the shared split of pydoc_data.topics: {info['calib_windows']} "
           f"calibration and {info['eval_windows']} evaluation windows of {PEER_WINDOW} tokens (fingerprints eval "
-          f"{info['eval_ids_sha256_16']}, calib {info['calib_ids_sha256_16']})\nmachine: {machine()}\n")
+          f"{info['eval_ids_sha256_16']}, calib {info['calib_ids_sha256_16']})\nmachine: {where}\n")
     print("| setting | perplexity | quantize s | peer perplexity | peer quantize s |")
     print("|---|---|---|---|---|")
     rows = []
     for name, kw, peer_name in PEER_SETTINGS:
         if not selected(args, name, fp_always=False):  # no column here is relative to FP32
             continue
-        loaded = adapter.load(args.lm, "cpu", torch.float32)
-        cfg = config(**kw)
-        t0 = time.perf_counter()
-        if cfg is not None:
-            cfg.nsamples = cfg.calib_num = len(calib)
-            batches = [{"input_ids": w} for w in calib]
-            pipeline.run(cfg, adapter, loaded, batches, batches if cfg.llm.act.static else [])
-        seconds = time.perf_counter() - t0
+        loaded, seconds = quantized_lm(adapter, args.lm, kw, calib)
         ppl = perplexity(loaded.model, evals)
         p = peer.get(peer_name, {})
         rows.append({"setting": name, "ppl": ppl, "quantize_s": seconds, "peer_config": peer_name,
@@ -185,7 +192,7 @@ def part_peer(args) -> None:
               f"{cell(p.get('quantize_s'), '.0f')} |", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "peer_split.json"), "w") as f:
-            json.dump({"split": info, "machine": machine(), "rows": rows}, f, indent=2)
+            json.dump({"split": info, "machine": where, "rows": rows}, f, indent=2)
     print()
 
 
@@ -239,13 +246,8 @@ def part_lm(args) -> None:
     for name, kw in SETTINGS:
         if not selected(args, name):
             continue
-        loaded = adapter.load(args.lm, "cpu", torch.float32)
         t0 = time.perf_counter()
-        cfg = config(**kw)
-        if cfg is not None:
-            cfg.nsamples = cfg.calib_num = len(calib)
-            batches = [{"input_ids": w} for w in calib]
-            pipeline.run(cfg, adapter, loaded, batches, batches if cfg.llm.act.static else [])
+        loaded, _ = quantized_lm(adapter, args.lm, kw, calib)
         ppl = perplexity(loaded.model, evals)
         fp = fp or ppl
         print(f"| {name} | {ppl:.3f} | {100 * (ppl / fp - 1):+.1f}% | {time.perf_counter() - t0:.0f} |", flush=True)
