@@ -11,7 +11,7 @@ MSQ / AIFS / RMS on and off. Calibration uses the SynthBench calibration files o
 
     python bench/quality.py [--part lm|vlm|peer|all] [--only TEXT]
         part 1: [--lm DIR] [--nsamples 32] [--seqlen 256] [--eval_windows 48]
-        part 2: [--eval_num 60] [--kl_rows 20]
+        part 2: [--eval_num N (default all)] [--kl_rows 40] [--n_boot 1000]
         peer:   [--peer_results peer.jsonl]
 
 Part ``peer``: SmolLM2-135M on a split shared with another tool (``pydoc_data.topics`` sorted, every 5th topic
@@ -216,8 +216,10 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval_windows", type=int, default=48)
-    ap.add_argument("--eval_num", type=int, default=60, help="part 2: SynthBench rows scored per subset")
-    ap.add_argument("--kl_rows", type=int, default=20, help="part 2: rows per subset for the KL divergence")
+    ap.add_argument("--eval_num", type=int, default=None,
+                    help="part 2: SynthBench rows scored per subset (default: all 120)")
+    ap.add_argument("--kl_rows", type=int, default=40, help="part 2: rows per subset for the KL divergence")
+    ap.add_argument("--n_boot", type=int, default=1000, help="part 2: bootstrap draws for the intervals")
     ap.add_argument("--output_dir", default="outputs/quality")
     ap.add_argument("--only", default=None,
                     help="run only the settings whose name contains this text (and FP32); several texts: comma-separated")
@@ -257,7 +259,7 @@ def part_lm(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # part 2: MiniVLM on SynthBench
 # ---------------------------------------------------------------------------------------------
-from exam.demo_minivlm import QUANT, ROT, slug  # noqa: E402  (the demo's flag sets: one definition)
+from exam.demo_minivlm import QUANT, ROT  # noqa: E402  (the demo's flag sets: one definition)
 
 _ROT = ROT
 _Q, _GPTQ = QUANT[:4], QUANT[4:]  # which parts are quantized / GPTQ with act-order and MSE clip
@@ -284,69 +286,23 @@ VLM_SETTINGS = [
 ]
 
 
-def kl_inputs(adapter, loaded, evals: dict, n: int) -> list[dict]:
-    """Image + question prompts with the reference answer appended (teacher forcing)."""
-    from evaluation import datasets
-    from evaluation.scorers import parse_answers
-    from model.base import Sample
-
-    tok = loaded.processor.tokenizer
-    out = []
-    for subset, rows in evals.items():
-        for r in rows[:n]:
-            inp = adapter.build_inputs(loaded, Sample([datasets.image_of(r)], adapter.prompt(subset, r)), "cpu")
-            ans = tok(parse_answers(r["answer"])[0] + "<|im_end|>", add_special_tokens=False,
-                      return_tensors="pt")["input_ids"]
-            inp["input_ids"] = torch.cat([inp["input_ids"], ans], 1)
-            inp["attention_mask"] = torch.ones_like(inp["input_ids"])
-            out.append(inp)
-    return out
-
-
-def text_logprobs(adapter, loaded, batches: list[dict]) -> list[torch.Tensor]:
-    """Log-probabilities of the next token at every text position after the first image token."""
-    out = []
-    for b in batches:
-        logits = loaded.model(**b, use_cache=False).logits[0].float()
-        visual = adapter.visual_token_mask(loaded, b)[0]
-        after = torch.arange(len(visual)) > int(visual.nonzero().max())
-        out.append(torch.log_softmax(logits[after], -1))
-    return out
-
-
 def part_vlm(args) -> None:
-    from evaluation import synthbench
-    from exam.demo_minivlm import calibration_rows, evaluation_rows, quantized_minivlm, score_synthbench
+    from exam.demo_minivlm import calibration_rows, evaluation_rows, machine_info, run_table
 
-    adapter = get_adapter("llava")
     evals = evaluation_rows(args.eval_num)
     calib = calibration_rows(32, 64)
+    machine = machine_info()
     print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector), fp32 CPU; SynthBench scores in percent on "
-          f"{args.eval_num} rows per subset; KL(FP32 || setting) in nats per text token on {args.kl_rows} rows "
-          f"per subset (teacher-forced reference answers); calibration: {len(calib)} rows of the SynthBench "
-          f"calibration files (32 for GPTQ, 64 for static scales)\n")
-    print("| setting | " + " | ".join(synthbench.SUBSETS) + " | mean | KL | seconds |")
-    print("|---|" + "---|" * (len(synthbench.SUBSETS) + 3))
-    ref, table = None, {}
-    for name, flags in VLM_SETTINGS:
-        if not selected(args, name):
-            continue
-        t0 = time.perf_counter()
-        loaded = quantized_minivlm(adapter, flags, calib, 32, 64)
-        batches = kl_inputs(adapter, loaded, evals, args.kl_rows)
-        lp = text_logprobs(adapter, loaded, batches)
-        if ref is None:
-            ref = lp
-        kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(ref, lp)) / sum(len(p) for p in ref)
-        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
-                               {"setting": name, "flags": flags, "eval_num": args.eval_num}, 6)
-        mean = sum(row.values()) / len(row)
-        table[name] = {**row, "mean": mean, "kl": kl, "seconds": time.perf_counter() - t0}
-        print(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in synthbench.SUBSETS) +
-              f" | {mean:.1f} | {kl:.4f} | {table[name]['seconds']:.0f} |", flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "minivlm_quality.json"), "w") as f:
-            json.dump(table, f, indent=2)
+          f"{', '.join(f'{len(r)}' for r in evals.values())} rows per subset with 95% bootstrap intervals; "
+          f"KL(FP32 || setting) in nats per text token on {args.kl_rows} rows per subset (teacher-forced reference "
+          f"answers); calibration: {len(calib)} rows of the SynthBench calibration files (32 for GPTQ, 64 for "
+          f"static scales). Machine: {machine['isa']}; {machine['threads']} threads; torch {machine['torch']}\n")
+    run_args = argparse.Namespace(nsamples=32, calib_num=64, kl_rows=args.kl_rows, n_boot=args.n_boot,
+                                  max_new_tokens=6, eval_num=args.eval_num, output_dir=args.output_dir)
+    summary = {"machine": machine, "eval_rows": {s: len(r) for s, r in evals.items()}, "kl_rows": args.kl_rows,
+               "settings": {}}
+    run_table(VLM_SETTINGS, evals, calib, run_args, summary, "minivlm_quality.json",
+              lambda n: selected(args, n))
 
 
 if __name__ == "__main__":

@@ -81,5 +81,6 @@ def evaluate(adapter, loaded, dataset_name: str, rows: list[dict], output_dir: s
             f.write(json.dumps({"index": row["index"], "prediction": pred}) + "\n")
             f.flush()
     preds = [done[str(r["index"])] for r in rows]
-    return {"dataset": dataset_name, "scores": score(dataset_name, rows, preds), "rows_scored": len(rows),
+    return {"dataset": dataset_name, "scores": score(dataset_name, rows, preds), "predictions": preds,
+            "rows_scored": len(rows),
             "rows_resumed": resumed, "predictions_file": path}

@@ -306,6 +306,7 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
     from evaluation import datasets
     from evaluation.builtin import builtin_rows
     from evaluation.eval import evaluate
+    from evaluation.uncertainty import bootstrap
     from model import registry
     from model.base import Sample
 
@@ -431,6 +432,9 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
             else:
                 evaluation = evaluate(adapter, loaded, args.dataset_name, eval_rows, args.output_dir, device,
                                       args.max_new_tokens, run_meta, args.data_root)
+                # the score's 95% bootstrap interval (rows resampled, the dataset's scorer on each draw)
+                evaluation["interval_95"] = bootstrap(args.dataset_name, eval_rows,
+                                                      evaluation.pop("predictions")).as_dict()
         if args.eval_backend == "mquant":
             scored = {str(r["index"]) for r in eval_rows}
             assert not scored & {str(r["index"]) for r in calib_rows}, "a calibration row was scored"
@@ -484,6 +488,10 @@ def _summary(r: dict, path: str) -> str:
         ev = r["evaluation"]
         shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ev["scores"].items())
         lines.append(f"{ev['dataset']} on {ev['rows_scored']} rows (none used for calibration): {shown}")
+        if ev.get("interval_95"):
+            iv = ev["interval_95"]
+            lines.append(f"{ev['dataset']} score {iv['score']:.2f}, 95% bootstrap interval {iv['low']:.2f} to "
+                         f"{iv['high']:.2f}")
     if r.get("real_quant"):
         rq = r["real_quant"]
         lines.append(f"real int8 execution: {len(rq['layers'])} linears on {rq['backend']} ({rq['isa']})")

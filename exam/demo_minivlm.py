@@ -1,11 +1,17 @@
 """The main demo: MQuant on MiniVLM (real weights), scored on SynthBench.
 
-Builds MiniVLM (converting the packaged models on first use), then for each setting quantizes a fresh copy and
-answers the three SynthBench evaluation subsets; calibration uses the SynthBench calibration files (another seed).
-Prints a Markdown table (scores in percent, wall time) and writes it to ``outputs/demo/summary.json`` as
-``{setting: {subset: score, ...}, ...}``.
+Builds MiniVLM (converting the packaged models on first use), then for each setting quantizes a fresh copy,
+measures its teacher-forced next-token KL divergence from FP32 (the primary signal: it moves smoothly with the
+quantization error, where scores flip on a few unsure answers) and answers all rows of the three SynthBench
+evaluation subsets; calibration uses the SynthBench calibration files (another seed). Every quantized setting is
+shown with 95% bootstrap intervals: of each score, and of its paired difference from FP32 (the same resampled
+rows for both), with the share of answers it gives exactly as FP32 does.
 
-    python exam/demo_minivlm.py [--eval_num N] [--output_dir outputs/demo]
+Prints a Markdown table and writes ``outputs/demo/summary.json``: ``{"machine": {...}, "settings": {setting:
+{"kl": ..., "seconds": ..., "scores": {subset or "mean": {"score", "low", "high", "agreement", "diff",
+"diff_low", "diff_high"}}}}}``.
+
+    python exam/demo_minivlm.py [--eval_num N] [--kl_rows N] [--output_dir outputs/demo]
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import torch  # noqa: E402
 
 from evaluation import datasets, synthbench  # noqa: E402
 from evaluation.eval import evaluate  # noqa: E402
+from evaluation.kl import mean_kl, teacher_forced_inputs, text_logprobs  # noqa: E402
+from evaluation.uncertainty import Uncertainty, bootstrap_table  # noqa: E402
 from exam.common import build_parser, config_from_args  # noqa: E402
 from fake_quant import pipeline  # noqa: E402
 from model.base import Sample  # noqa: E402
@@ -39,13 +47,6 @@ SETTINGS = [
     ("W4A8 MQuant (static, MSQ + AIFS + RMS)", ROT + QUANT + "--visual_static --llm_static --aifs --visual_split --llm_split".split()),
     ("W4A8 MQuant + sink scale", ROT + QUANT + "--visual_static --llm_static --aifs --visual_split --llm_split --sink_scale".split()),
 ]
-
-
-def percent(subset: str, scores: dict) -> float:
-    if subset == "SynthBench_YN":  # MME-style: each category's acc + acc+ is out of 200
-        cats = [k for k in scores if k not in ("perception", "reasoning")]
-        return sum(scores[c] for c in cats) / (2 * len(cats))
-    return scores["Overall"]
 
 
 def calibration_rows(nsamples: int, calib_num: int) -> list[dict]:
@@ -78,53 +79,114 @@ def projector_digest() -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def score_synthbench(adapter, loaded, evals: dict[str, list[dict]], out_dir: str, meta: dict,
-                     max_new_tokens: int) -> dict[str, float]:
-    """Percent score per subset (greedy answers; predictions cached in ``out_dir``)."""
+def answer_synthbench(adapter, loaded, evals: dict[str, list[dict]], out_dir: str, meta: dict,
+                      max_new_tokens: int) -> dict[str, list[str]]:
+    """Greedy answers per subset (cached in ``out_dir``: a rerun of the same setting resumes)."""
     meta = {**meta, "projector": projector_digest()}
-    row = {}
-    for subset, rows in evals.items():
-        out = evaluate(adapter, loaded, subset, rows, out_dir, "cpu", max_new_tokens, meta)
-        row[subset] = percent(subset, out["scores"])
-    return row
+    return {subset: evaluate(adapter, loaded, subset, rows, out_dir, "cpu", max_new_tokens, meta)["predictions"]
+            for subset, rows in evals.items()}
+
+
+def machine_info() -> dict:
+    """What a score depends on besides the code: the CPU and its ISA, the torch build, the thread count."""
+    import platform
+
+    from fake_quant import cpu_isa
+
+    isa = cpu_isa.detect()
+    return {"cpu": isa.model, "isa": isa.describe(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "torch_build": cpu_isa.torch_build(), "python": platform.python_version()}
+
+
+def cell(u: Uncertainty) -> str:
+    return f"{u.score:.1f} [{u.low:.1f}, {u.high:.1f}]"
+
+
+def diff_cell(u: Uncertainty) -> str:
+    if u.diff_low is None:
+        return ""
+    mark = "" if u.distinguishable() else " ~"
+    return f"{u.diff:+.1f} [{u.diff_low:+.1f}, {u.diff_high:+.1f}]{mark}"
+
+
+def header(subsets) -> str:
+    cols = ["setting", "KL", *subsets, "mean", "mean - FP32", "same answer %", "seconds"]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def table_row(name: str, kl: float, unc: dict[str, Uncertainty], seconds: float) -> str:
+    subsets = [k for k in unc if k != "mean"]
+    m = unc["mean"]
+    agree = "" if m.agreement is None else f"{m.agreement:.1f}"
+    return (f"| {name} | {kl:.4f} | " + " | ".join(cell(unc[s]) for s in subsets) +
+            f" | {cell(m)} | {diff_cell(m)} | {agree} | {seconds:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", default="outputs/demo")
     ap.add_argument("--eval_num", type=int, default=None, help="rows per subset (default: all 120)")
+    ap.add_argument("--kl_rows", type=int, default=40, help="rows per subset for the KL divergence (default 40)")
+    ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap draws for the intervals (default 1000)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib_num", type=int, default=64)
     ap.add_argument("--max_new_tokens", type=int, default=6)
-    ap.add_argument("--only", default=None, help="run only settings whose name contains this")
+    ap.add_argument("--only", default=None, help="run only settings whose name contains this (FP32 always runs)")
     args = ap.parse_args(argv)
+    if args.eval_num is not None and args.eval_num < 1:
+        ap.error(f"--eval_num must be at least 1, got {args.eval_num}")
+    if args.kl_rows < 1:
+        ap.error(f"--kl_rows must be at least 1, got {args.kl_rows}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
-    adapter = get("llava")
     evals = evaluation_rows(args.eval_num)
     calib_rows = calibration_rows(args.nsamples, args.calib_num)
+    machine = machine_info()
 
-    summary, timing = {}, {}
+    summary = {"machine": machine, "eval_rows": {s: len(r) for s, r in evals.items()}, "kl_rows": args.kl_rows,
+               "settings": {}}
     print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench "
           f"({', '.join(f'{len(r)} rows' for r in evals.values())}), CPU fp32; calibration: {len(calib_rows)} rows "
-          f"of the SynthBench calibration files; scores in percent\n")
-    print("| setting | " + " | ".join(synthbench.SUBSETS) + " | seconds |")
-    print("|---|" + "---|" * (len(synthbench.SUBSETS) + 1))
-    for name, flags in SETTINGS:
-        if args.only and name != "FP32" and args.only not in name:
+          f"of the SynthBench calibration files. Machine: {machine['isa']}; {machine['threads']} threads; "
+          f"torch {machine['torch']}.\n"
+          f"KL: KL(FP32 || setting), nats per text token, teacher-forced on {args.kl_rows} rows per subset. Scores in "
+          f"percent with 95% bootstrap intervals; 'mean - FP32' is the paired difference (same resampled rows), "
+          f"marked ~ where its interval contains 0 (not distinguishable from FP32 on these rows).\n")
+    return run_table(SETTINGS, evals, calib_rows, args, summary, "summary.json",
+                     (lambda n: args.only in n) if args.only else None)
+
+
+def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], args, summary: dict,
+              summary_name: str, selected=None) -> dict:
+    """Quantize, measure and score every setting of ``settings`` (the first must be FP32: the reference), print
+    one table row each and rewrite ``<output_dir>/<summary_name>`` after each. ``args`` carries nsamples,
+    calib_num, kl_rows, n_boot, max_new_tokens, eval_num and output_dir; ``selected(name)`` filters settings."""
+    if settings[0][1]:
+        raise ValueError("the first setting must be FP32 (no flags): it is the reference")
+    adapter = get("llava")
+    print(header(synthbench.SUBSETS))
+    ref_lp = ref_preds = None
+    for name, flags in settings:
+        if ref_lp is not None and selected is not None and not selected(name):
             continue
         t0 = time.perf_counter()
         loaded = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
-        row = score_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
-                               {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
-        summary[name], timing[name] = row, time.perf_counter() - t0
-        print(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in synthbench.SUBSETS) + f" | {timing[name]:.0f} |",
-              flush=True)
+        lp = text_logprobs(adapter, loaded, teacher_forced_inputs(adapter, loaded, evals, args.kl_rows))
+        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
+                                  {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
+        reference = ref_lp is None
+        if reference:
+            ref_lp, ref_preds = lp, preds
+        kl = mean_kl(ref_lp, lp)
+        unc = bootstrap_table({s: (evals[s], preds[s], None if reference else ref_preds[s]) for s in evals},
+                              n_boot=args.n_boot)
+        seconds = time.perf_counter() - t0
+        summary["settings"][name] = {"kl": kl, "seconds": seconds, "flags": flags,
+                                     "scores": {k: u.as_dict() for k, u in unc.items()}}
+        print(table_row(name, kl, unc, seconds), flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "summary.json"), "w") as f:  # rewritten after each setting
+        with open(os.path.join(args.output_dir, summary_name), "w") as f:
             json.dump(summary, f, indent=2)
-        with open(os.path.join(args.output_dir, "timing.json"), "w") as f:
-            json.dump(timing, f, indent=2)
     return summary
 
 

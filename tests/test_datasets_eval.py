@@ -81,6 +81,9 @@ def test_quant_script_on_a_benchmark_writes_scores(tmp_path):
     scored = [json.loads(line)["index"] for line in open(ev["predictions_file"]) if '"index"' in line]
     assert not {str(i) for i in scored} & held
     assert out["results"]["evaluation"]["scores"]["Final Score Norm"] == ev["scores"]["Final Score"] / 10
+    iv = ev["interval_95"]  # the score with its bootstrap interval, on the same scale as Final Score Norm
+    assert iv["score"] == pytest.approx(ev["scores"]["Final Score Norm"]) and iv["low"] <= iv["score"] <= iv["high"]
+    assert "predictions" not in ev
 
 
 def test_prompts_follow_vlmevalkit_per_family():
