@@ -127,6 +127,10 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                    help="inside a block, calibrate each group of linears (q/k/v, o, gate/up, down) on the outputs of "
                         "the groups before it once they are quantized (default: every linear's Hessian from one pass "
                         "of the block with its float weights)")
+    g.add_argument("--gptq_refit", type=int, default=GPTQConfig.refit_rounds, metavar="ROUNDS",
+                   help="after GPTQ, give each weight row the least-squares scale for its integer codes on the "
+                        "calibration inputs; each further round reruns GPTQ with those scales and refits "
+                        f"(0: off; default {GPTQConfig.refit_rounds})")
     g.add_argument("--msq", dest="msq", action="store_true", default=True,
                    help="modality-specific quantization: with --llm_static, separate static scales for visual and "
                         "text tokens in the LLM (default)")
@@ -184,7 +188,8 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
         llm=part("llm", args.quant_llm, args.llm_w_bits, args.llm_a_bits, args.llm_static, args.llm_w_clip, args.llm_w_rtn),
         connector=args.quant and args.quant_cross_attention,
         msq=args.msq, aifs=args.aifs, sink_scale=args.sink_scale,
-        gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order, true_sequential=args.gptq_true_sequential),
+        gptq=GPTQConfig(percdamp=args.percdamp, act_order=args.act_order, true_sequential=args.gptq_true_sequential,
+                        refit_rounds=args.gptq_refit),
         rotation=RotationConfig(rotate=args.rotate, visual=args.rotate_visual_clip, visual_cross_attn=args.rotate_visual_cross_attn,
                                 llm=args.rotate_llm, mode=args.rotate_mode, online_visual_hadamard=args.online_visual_hadamard,
                                 online_llm_hadamard=args.online_llm_hadamard, fp32_had=args.fp32_had,
@@ -470,7 +475,7 @@ def _config_from_dict(d: dict) -> QuantConfig:
 
     return QuantConfig(visual=part(d["visual"]), llm=part(d["llm"]), connector=d["connector"], msq=d.get("msq", True),
                        aifs=d.get("aifs", False), sink_scale=d.get("sink_scale", False),
-                       gptq=GPTQConfig(**{"true_sequential": True, **d["gptq"]}), rotation=RotationConfig(**d["rotation"]),
+                       gptq=GPTQConfig(**{"true_sequential": True, "refit_rounds": 0, **d["gptq"]}), rotation=RotationConfig(**d["rotation"]),
                        rms=RMSConfig(**d["rms"]), nsamples=d["nsamples"], calib_num=d["calib_num"], seed=d["seed"], skip_names=tuple(d["skip_names"]))
 
 

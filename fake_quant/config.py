@@ -72,6 +72,7 @@ class GPTQConfig:
     blocksize: int = 128
     static_groups: bool = False
     true_sequential: bool = False  # --gptq_true_sequential: later groups of a block see the earlier ones quantized
+    refit_rounds: int = 2          # --gptq_refit: rounds of least-squares scales for GPTQ codes (0: off)
 
 
 @dataclass
@@ -137,6 +138,8 @@ class QuantConfig:
             errors += _part_errors(part, self)
         if not self.gptq.percdamp > 0:
             errors.append(f"--percdamp must be > 0, got {self.gptq.percdamp}")
+        if self.gptq.refit_rounds < 0:
+            errors.append(f"--gptq_refit must be 0 (off) or a number of rounds, got {self.gptq.refit_rounds}")
         if self.gptq.blocksize < 1:
             errors.append(f"GPTQ block size must be >= 1, got {self.gptq.blocksize}")
         if self.rotation.mode not in ("hadamard", "random"):

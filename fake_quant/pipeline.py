@@ -340,7 +340,8 @@ def _quantize_collected(names: list[str], qlinears, collectors: dict[str, GPTQ],
         g = collectors[members[0]]
         results = g.quantize_many([qlinears[n].weight for n in members], qlinears[members[0]].weight_quantizer,
                                   blocksize=cfg.gptq.blocksize, percdamp=cfg.gptq.percdamp,
-                                  act_order=cfg.gptq.act_order, static_groups=cfg.gptq.static_groups)
+                                  act_order=cfg.gptq.act_order, static_groups=cfg.gptq.static_groups,
+                                  refit_rounds=cfg.gptq.refit_rounds)
         for n, res in zip(members, results):
             qlinears[n].set_quantized_weight_(res.weight, res.qparams)
             report.layers[n] = {"method": "gptq", "output_mse": res.output_mse, "seconds": res.seconds}

@@ -169,3 +169,56 @@ def test_full_range_grid_gives_gptq_a_smaller_output_error(setup, seed, act_orde
     old = g.quantize(w, WeightQuantizer(bits=4, full_range=False), act_order=act_order)
     new = g.quantize(w, WeightQuantizer(bits=4), act_order=act_order)
     assert true_output_mse(x, w, new.weight) < 0.95 * true_output_mse(x, w, old.weight)
+
+
+def codes(res):
+    """Integer codes minus zero point of a per-channel or group-wise result, in the original column order."""
+    s = res.qparams.scale
+    s_col = s[:, res.g_idx] if res.g_idx is not None else s.reshape(-1, 1)
+    c = res.weight / s_col
+    assert torch.allclose(c, c.round(), atol=1e-3), "the weight is not on its grid"
+    return c.round()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_refit_scale_is_the_least_squares_scale_on_the_inputs(setup, act_order):
+    # Independent reference: for each row, the scale s minimizing ||x (w - s c)||^2, by torch.linalg.lstsq on the
+    # calibration inputs themselves (not on our Hessian).
+    x, w, g = setup
+    wq = WeightQuantizer(bits=4)
+    plain = g.quantize(w, wq, act_order=act_order)
+    ref = g.quantize(w, wq, act_order=act_order, refit_rounds=1)
+    c = codes(ref)
+    assert torch.equal(c, codes(plain))  # one round keeps GPTQ's codes, only the scales move
+    for r in range(0, w.shape[0], 7):
+        a = (x @ c[r]).unsqueeze(1)
+        s = torch.linalg.lstsq(a.double(), (x @ w[r]).unsqueeze(1).double()).solution.item()
+        assert ref.qparams.scale[r].item() == pytest.approx(s, rel=1e-4)
+    assert ref.output_mse < plain.output_mse
+    assert true_output_mse(x, w, ref.weight) < true_output_mse(x, w, plain.weight)
+
+
+@pytest.mark.parametrize("group_size,static_groups", [(None, False), (32, False), (32, True)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_refit_rounds_lower_the_output_error(setup, group_size, static_groups, symmetric, act_order):
+    x, w, g = setup
+    wq = WeightQuantizer(bits=4, symmetric=symmetric, group_size=group_size)
+    errs, results = [], []
+    for rounds in range(4):
+        res = g.quantize(w, wq, act_order=act_order, static_groups=static_groups, refit_rounds=rounds)
+        codes(res)  # on the grid its qparams describe, so a realized layer reproduces it
+        if group_size:
+            assert res.qparams.scale.shape == (w.shape[0], w.shape[1] // group_size)
+        errs.append(res.output_mse)
+        results.append(res)
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(errs, errs[1:])), errs  # each refit can only help
+    assert errs[3] < 0.985 * errs[0], errs
+    # the zero points never move (asymmetric grids keep integer zero points)
+    assert torch.equal(results[3].qparams.zero_point, results[0].qparams.zero_point)
+
+
+def test_refit_rounds_bad_input(setup):
+    x, w, g = setup
+    with pytest.raises(ValueError, match="refit_rounds must be >= 0"):
+        g.quantize(w, WeightQuantizer(bits=4), refit_rounds=-1)

@@ -85,7 +85,8 @@ def hessians_by_hand(block, batches):
 
 
 def gptq_by_hand(h: GPTQ, weight):
-    return h.quantize(weight, WeightQuantizer(bits=4), act_order=True).weight
+    return h.quantize(weight, WeightQuantizer(bits=4), act_order=True,
+                      refit_rounds=QuantConfig().gptq.refit_rounds).weight
 
 
 def test_shared_input_layers_share_one_hessian_and_the_pass_stops_after_the_last_reader():
