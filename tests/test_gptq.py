@@ -222,3 +222,24 @@ def test_refit_rounds_bad_input(setup):
     x, w, g = setup
     with pytest.raises(ValueError, match="refit_rounds must be >= 0"):
         g.quantize(w, WeightQuantizer(bits=4), refit_rounds=-1)
+
+
+def test_refit_flag_and_old_dumps():
+    from exam.common import _config_from_dict, build_parser, config_from_args
+    from fake_quant.config import QuantConfig
+
+    args = build_parser("qwen2vl").parse_args(["--quant", "--quant_llm", "--gptq_refit", "0"])
+    assert config_from_args(args).gptq.refit_rounds == 0
+    default = config_from_args(build_parser("qwen2vl").parse_args(["--quant", "--quant_llm"]))
+    assert default.gptq.refit_rounds == QuantConfig().gptq.refit_rounds == 2
+    bad = build_parser("qwen2vl").parse_args(["--quant", "--quant_llm", "--gptq_refit", "-1"])
+    with pytest.raises(ValueError, match="--gptq_refit must be 0"):
+        config_from_args(bad).validate()
+    # a dump written before the refit (or the full-range grid, or layer-wise Hessians) existed loads as it was made
+    old = default.to_dict()
+    for k in ("refit_rounds", "true_sequential"):
+        del old["gptq"][k]
+    for p in ("visual", "llm"):
+        del old[p]["weight"]["full_range"]
+    cfg = _config_from_dict(old)
+    assert (cfg.gptq.refit_rounds, cfg.gptq.true_sequential, cfg.llm.weight.full_range) == (0, True, False)
