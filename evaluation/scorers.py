@@ -25,6 +25,7 @@ output strings in the same order.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 import numpy as np
@@ -78,6 +79,7 @@ def process_punctuation(text: str) -> str:
     return PERIOD_NOT_IN_NUMBER.sub("", out, count=PERIOD_COUNT)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure; bootstrap intervals rescore the same strings many times
 def normalize_vqa_answer(text: str) -> str:
     text = text.replace("\n", " ").replace("\t", " ").strip()
     text = process_punctuation(text)
@@ -90,12 +92,16 @@ def parse_answers(answer) -> list[str]:
     """The reference answers of a row: a list literal as stored in the TSV, or a single string."""
     if isinstance(answer, (list, tuple)):
         return [str(a) for a in answer]
-    s = str(answer)
+    return list(_parse_answer_text(str(answer)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_answer_text(s: str) -> tuple[str, ...]:
     try:
         value = ast.literal_eval(s)
     except (ValueError, SyntaxError):
-        return [s]
-    return [str(a) for a in value] if isinstance(value, list) else [s]
+        return (s,)
+    return tuple(str(a) for a in value) if isinstance(value, list) else (s,)
 
 
 def vqa_accuracy(answers: list[str], prediction: str) -> float:
