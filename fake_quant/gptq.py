@@ -115,12 +115,12 @@ class GPTQ:
         sizes = [w.shape[0] for w in weights]
         W = torch.cat([w.detach().to(self.H.device, torch.float32) for w in weights], dim=0)
         W0 = W.clone() if refit_rounds else None
-        Q, qparams, g_idx, losses = self._quantize(W, quantizer, blocksize, percdamp, act_order, static_groups)
+        Q, qparams, g_idx, losses, prep = self._quantize(W, quantizer, blocksize, percdamp, act_order, static_groups)
         best = None
         for r in range(refit_rounds):
             if r:
-                Q, qparams, g_idx, losses = self._quantize(W0.clone(), quantizer, blocksize, percdamp, act_order,
-                                                           static_groups, fixed=(qparams, g_idx))
+                Q, qparams, g_idx, losses, _ = self._quantize(W0.clone(), quantizer, blocksize, percdamp, act_order,
+                                                              static_groups, fixed=(qparams, g_idx), prep=prep)
             Q, qparams = self.refit_scales(W0, Q, qparams, g_idx)
             err = self._row_errors(W0, Q)
             if best is None:
@@ -149,34 +149,38 @@ class GPTQ:
         return out
 
     def _quantize(self, W: torch.Tensor, quantizer: WeightQuantizer, blocksize: int, percdamp: float,
-                  act_order: bool, static_groups: bool, fixed: tuple[QParams, torch.Tensor | None] | None = None):
-        """GPTQ on a float32 ``W`` (modified in place). Returns (Q, qparams, g_idx, per-row losses).
-        ``fixed``: (qparams, g_idx) of an earlier pass, used instead of finding them (same groups)."""
+                  act_order: bool, static_groups: bool, fixed: tuple[QParams, torch.Tensor | None] | None = None,
+                  prep: tuple | None = None):
+        """GPTQ on a float32 ``W`` (modified in place). Returns (Q, qparams, g_idx, per-row losses, prep).
+        ``fixed``: (qparams, g_idx) of an earlier pass, used instead of finding them (same groups).
+        ``prep``: the dead columns, act-order permutation and inverse-Hessian factor of an earlier pass."""
         rows, cols = W.shape
         gs = quantizer.group_size
         if gs and cols % gs:
             raise ValueError(f"group size {gs} does not divide the {cols} input columns")
         bt = quantizer.bit_type
 
-        H = self.H.clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
+        if prep is None:  # the same for every round of one call: computed once (the inverse is O(cols^3))
+            H = self.H.clone()
+            dead = torch.diag(H) == 0
+            H[dead, dead] = 1.0
+            perm = invperm = None
+            if act_order:
+                perm = torch.argsort(torch.diag(H), descending=True)
+                H = H[perm][:, perm]
+                invperm = torch.argsort(perm)
+            idx = torch.arange(cols, device=H.device)
+            H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+            prep = (dead, perm, invperm, _upper_cholesky_of_inverse(H, percdamp))
+            del H
+        dead, perm, invperm, Hinv = prep
         W[:, dead] = 0.0
 
         group_params: list[QParams] = []
         if gs and static_groups:
             group_params = [quantizer.find_params(W[:, c:c + gs], per_row=True) for c in range(0, cols, gs)]
-
-        perm = invperm = None
         if act_order:
-            perm = torch.argsort(torch.diag(H), descending=True)
-            W, H = W[:, perm], H[perm][:, perm]
-            invperm = torch.argsort(perm)
-
-        idx = torch.arange(cols, device=H.device)
-        H[idx, idx] += percdamp * torch.mean(torch.diag(H))
-        Hinv = _upper_cholesky_of_inverse(H, percdamp)
-        del H
+            W = W[:, perm]
 
         Q = torch.zeros_like(W)
         losses = torch.zeros(rows, device=W.device)
@@ -245,7 +249,7 @@ class GPTQ:
             )
         else:
             qparams = qp
-        return Q, qparams, g_idx, losses
+        return Q, qparams, g_idx, losses, prep
 
     def _row_errors(self, W0: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
         """Each row's calibration output error ``(w0 - q) H (w0 - q)^T``."""
