@@ -88,13 +88,14 @@ def answer_synthbench(adapter, loaded, evals: dict[str, list[dict]], out_dir: st
 
 
 def machine_info() -> dict:
-    """What a score depends on besides the code: the CPU and its ISA, the torch build, the thread count."""
+    """What a score depends on besides the code: the exam scripts' machine record (CPU, cores, ISA flags) plus the
+    int8 / bf16 paths torch takes, the thread count and the torch build."""
     import platform
 
+    from exam.common import machine
     from fake_quant import cpu_isa
 
-    isa = cpu_isa.detect()
-    return {"cpu": isa.model, "isa": isa.describe(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    return {**machine(), "isa": cpu_isa.detect().describe(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "torch_build": cpu_isa.torch_build(), "python": platform.python_version()}
 
 
