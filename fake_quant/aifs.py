@@ -9,13 +9,105 @@ computes exactly what it computed before -- but every modality is now one contig
 
 The KV cache holds the prefill in permuted order; later steps only need the padding mask of the
 cached part permuted the same way (attention over cached keys is order-free).
+
+Attention at prefill does not use the permuted mask when the batch has no padding: the permuted causal
+mask is the plain causal mask of the original order, so :func:`attention` puts queries, keys and values
+back in the original order (three gathers), runs SDPA with ``is_causal`` -- which skips the upper
+triangle, where an explicit mask makes torch's kernels do the full square -- and permutes the output
+again. Models in transformers reach it as the attention implementation ``"mquant_aifs"`` (set on the
+language model's config by :func:`install`), the project's own decoders call :func:`attention` directly.
+The mask is still built and handed down, for batches with padding and for any other caller.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modality import ModalityState
+
+ATTN_IMPLEMENTATION = "mquant_aifs"
+
+
+@dataclass
+class _Order:
+    """The permutation of the prefill the language model is running, while it runs."""
+
+    perm: torch.Tensor  # [batch, seq]: new position -> original position
+    inv: torch.Tensor   # [batch, seq]: original position -> new position
+
+
+_current: _Order | None = None
+
+
+def _reorder(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[b, :, idx[b, i]]`` for ``[batch, heads, seq, dim]``."""
+    if idx.shape[0] == 1:
+        return t.index_select(2, idx[0])
+    return torch.gather(t, 2, idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+
+def _applies(q: torch.Tensor, k: torch.Tensor) -> _Order | None:
+    o = _current
+    if o is None or q.dim() != 4 or k.dim() != 4:
+        return None
+    b, n = o.perm.shape
+    if q.shape[0] != b or q.shape[2] != n or k.shape[2] != n or o.perm.device != q.device:
+        return None
+    return o
+
+
+def _original_order(q, k, v, order: _Order, scale, enable_gqa: bool) -> torch.Tensor:
+    q, k, v = (_reorder(t, order.inv) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    return _reorder(out, order.perm)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask)`` (``[batch, heads, seq, dim]``), except during an
+    AIFS prefill without padding, where ``attn_mask`` is the permuted causal mask and the same result is
+    computed in the original order with ``is_causal`` (module docstring)."""
+    order = _applies(q, k) if attn_mask is not None else None
+    if order is not None:
+        return _original_order(q, k, v, order, scale, enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                  **kwargs):
+    """transformers' attention interface: ``sdpa_attention_forward``, with :func:`attention`'s prefill path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    order = _applies(query, key) if attention_mask is not None else None
+    plain = dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+    if order is not None and plain and not kwargs.get("output_attentions", False):
+        out = _original_order(query, key, value, order, scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _register_hf() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers without the interfaces: the mask path still works
+        return False
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _hf_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return True
+
+
+def _use_hf_attention(language_model: nn.Module) -> None:
+    """Point every transformers config under ``language_model`` that runs SDPA at :func:`_hf_attention`."""
+    configs = {id(c): c for m in language_model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation", None) == "sdpa"}
+    if configs and _register_hf():
+        for c in configs.values():
+            c._attn_implementation = ATTN_IMPLEMENTATION
 
 
 def permutation(visual: torch.Tensor) -> torch.Tensor:
@@ -27,11 +119,11 @@ def permutation(visual: torch.Tensor) -> torch.Tensor:
 def permuted_causal_mask(perm: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     """Bool ``[batch, 1, q, k]``: new i attends new j iff orig(j) <= orig(i) and j is not padding.
     Every position also attends itself, so padding rows stay finite."""
-    allowed = perm[:, None, :] <= perm[:, :, None]
+    allowed = perm[:, None, :] <= perm[:, :, None]  # the diagonal is True already
     if pad is not None:
         allowed &= ~torch.gather(pad, 1, perm)[:, None, :]
-    eye = torch.eye(perm.shape[1], dtype=torch.bool, device=perm.device)
-    return (allowed | eye)[:, None]
+        allowed |= torch.eye(perm.shape[1], dtype=torch.bool, device=perm.device)
+    return allowed[:, None]
 
 
 def _gather_seq(t: torch.Tensor, perm: torch.Tensor, dim: int) -> torch.Tensor:
@@ -51,8 +143,11 @@ def _scatter_back(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def install(language_model: nn.Module, state: ModalityState) -> None:
     """Hooks on the language model (a decoder taking ``inputs_embeds``, ``position_ids``,
     ``attention_mask`` and returning ``last_hidden_state``)."""
+    _use_hf_attention(language_model)
 
     def before(module, args, kwargs):
+        global _current
+        _current = None
         emb = kwargs.get("inputs_embeds")
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and mask2d.dim() != 2:
@@ -69,6 +164,8 @@ def install(language_model: nn.Module, state: ModalityState) -> None:
                 pos = torch.arange(emb.shape[1], device=emb.device).expand(emb.shape[0], -1)
             kwargs["position_ids"] = _gather_seq(pos, perm, pos.dim() - 1)
             kwargs["attention_mask"] = permuted_causal_mask(perm, pad)
+            if pad is None or not bool(pad.any()):
+                _current = _Order(perm, torch.argsort(perm, dim=1))
             state.set_index(torch.gather(state.groups, 1, perm))
             return args, kwargs
         if state.perm is not None and mask2d is not None:  # decode: cached keys are in permuted order
@@ -81,6 +178,8 @@ def install(language_model: nn.Module, state: ModalityState) -> None:
         return None
 
     def after(module, args, kwargs, output):
+        global _current
+        _current = None
         if not state.prefill or state.perm is None:
             return None
         perm = state.perm

@@ -44,3 +44,13 @@ def rotated(ad, base):
     r = cfg.rotation
     r.rotate = r.visual = r.visual_cross_attn = r.llm = r.online_visual_hadamard = r.online_llm_hadamard = True
     return rot, pipeline.run(cfg, ad, rot, [], [])
+
+
+def count_aifs_attention(monkeypatch):
+    """Record the sequence length of every attention call that AIFS computes in the original order."""
+    from fake_quant import aifs
+
+    calls = []
+    fn = aifs._original_order
+    monkeypatch.setattr(aifs, "_original_order", lambda *a, **kw: calls.append(a[0].shape[2]) or fn(*a, **kw))
+    return calls

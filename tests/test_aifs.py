@@ -123,3 +123,76 @@ def test_msq_with_aifs_equals_msq_without(tmp_path, sink):
         diffs.append(float((logits(ls, inp) - logits(lp, inp)).abs().max()))
     assert sum(d < 1e-5 for d in diffs) >= 4, diffs
     assert max(diffs) < 1e-2, diffs
+
+
+# --- attention at prefill: the original order with is_causal instead of the permuted mask ----------------------
+
+def _layouts():
+    n = 23
+    out = {}
+    for name, runs in {"image first": [(0, 12)], "image inside": [(3, 15)], "image last": [(11, 23)],
+                       "two images": [(2, 8), (12, 20)], "visual only": [(0, 23)]}.items():
+        vis = torch.zeros(1, n, dtype=torch.bool)
+        for a, b in runs:
+            vis[0, a:b] = True
+        out[name] = vis
+    return out
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_in_original_order_equals_the_permuted_mask(name, kv_heads):
+    """Against stock SDPA with the permuted causal mask (the definition), on a batch of two prompts with
+    different layouts, with and without grouped KV heads."""
+    torch.manual_seed(0)
+    vis = torch.cat([_layouts()[name], _layouts()["two images"]])
+    perm = aifs.permutation(vis)
+    q = torch.randn(2, 4, 23, 16)
+    k, v = torch.randn(2, kv_heads, 23, 16), torch.randn(2, kv_heads, 23, 16)
+    mask = aifs.permuted_causal_mask(perm, None)
+    gqa = kv_heads != 4
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    calls = []
+    old_order, old_fn = aifs._current, aifs._original_order
+    aifs._current = aifs._Order(perm, torch.argsort(perm, dim=1))
+    aifs._original_order = lambda *a, **kw: calls.append(1) or old_fn(*a, **kw)
+    try:
+        got = aifs.attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        other_len = aifs.attention(q[:, :, :5], k[:, :, :5], v[:, :, :5], attn_mask=mask[..., :5, :5], enable_gqa=gqa)
+    finally:
+        aifs._current, aifs._original_order = old_order, old_fn
+    assert calls == [1]  # the sequence of another length (not this prefill) took the mask
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+    assert torch.allclose(other_len, torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :5], k[:, :, :5], v[:, :, :5], attn_mask=mask[..., :5, :5], enable_gqa=gqa), atol=1e-6, rtol=0)
+    # negative control: the original-order causal result, left unpermuted, is not the answer
+    wrong = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if name != "visual only":
+        assert (wrong - ref).abs().max() > 1e-2
+
+
+def _count_original_order(monkeypatch):
+    calls = []
+    fn = aifs._original_order
+    monkeypatch.setattr(aifs, "_original_order", lambda *a, **kw: calls.append(a[0].shape[2]) or fn(*a, **kw))
+    return calls
+
+
+def test_model_prefill_takes_the_original_order_path(pair, monkeypatch):
+    ad, base, sw = pair
+    calls = _count_original_order(monkeypatch)
+    inp = ad.build_inputs(base, Sample(images(1), "What is shown?"), DEVICE)
+    assert torch.allclose(logits(sw, inp), logits(base, inp), atol=1e-5, rtol=0)
+    n_layers = len(sw.model.model.language_model.layers)
+    assert calls == [inp["input_ids"].shape[1]] * n_layers
+    assert sw.model.model.language_model.config._attn_implementation == aifs.ATTN_IMPLEMENTATION
+    assert aifs._current is None  # cleared after the forward
+
+
+def test_padded_batch_keeps_the_mask(pair, monkeypatch):
+    _, base, sw = pair
+    calls = _count_original_order(monkeypatch)
+    inp = _left_padded_batch(base.processor, [PAD + " short?", "a much longer question " + PAD + " about this?"], images(2))
+    valid = inp["attention_mask"].bool()
+    assert torch.allclose(logits(sw, inp)[valid], logits(base, inp)[valid], atol=1e-5, rtol=0)
+    assert calls == []

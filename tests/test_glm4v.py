@@ -22,7 +22,7 @@ from model.glm4v import adapter as glm_adapter
 from model.glm4v.loading import load
 from model.glm4v.tiny import write_checkpoint
 from tests import DEVICE
-from tests.helpers import logits, rel, stored_tensors
+from tests.helpers import count_aifs_attention, logits, rel, stored_tensors
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +375,8 @@ def test_residual_rotation_of_a_post_norm_stack_is_refused(base):
                        base.model.state_dict()["transformer.vision.transformer.layers.0.input_layernorm.weight"])
 
 
-def test_aifs_is_invariant_with_the_shared_image_position(base):
+def test_aifs_is_invariant_with_the_shared_image_position(base, monkeypatch):
+    aifs_calls = count_aifs_attention(monkeypatch)
     sw = fresh(base)
     pipeline.rebuild(QuantConfig(aifs=True), registry.get("glm4v"), sw)
     bs = batches(base, n=2, seed=7)
@@ -388,6 +389,7 @@ def test_aifs_is_invariant_with_the_shared_image_position(base):
     out = logits(sw.model, bs)
     h.remove()
     assert torch.allclose(out, logits(base.model, bs), atol=1e-5, rtol=0)
+    assert aifs_calls  # the prefill ran attention in the original order
     # the features moved to the front and kept their one shared position (b + 1 = 5)
     n = base.model.image_tokens
     cos = seen["cos"][0]

@@ -19,7 +19,7 @@ from model.internvl2.loading import load
 from model.internvl2.modeling import pixel_shuffle
 from model.internvl2.tiny import ADDED_TOKENS, write_checkpoint
 from tests import DEVICE, main
-from tests.helpers import batches, logits, rel, stored_tensors
+from tests.helpers import count_aifs_attention, batches, logits, rel, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 KINDS = ("internlm2", "qwen2")
@@ -316,13 +316,15 @@ def test_grouped_v_rows():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_aifs_is_invariant(folders, kind):
+def test_aifs_is_invariant(folders, kind, monkeypatch):
+    aifs_calls = count_aifs_attention(monkeypatch)
     ad = registry.get("internvl2")
     base = loaded(folders[kind])
     sw = Loaded(copy.deepcopy(base.model), base.processor, base.path)
     pipeline.rebuild(QuantConfig(aifs=True), ad, sw)
     bs = batches(ad, base, n=2, seed=7)
     assert torch.allclose(logits(sw.model, bs), logits(base.model, bs), atol=1e-5, rtol=0)
+    assert aifs_calls  # the prefill ran attention in the original order
     with torch.no_grad():
         g0 = base.model.generate(**bs[0], max_new_tokens=6, eos_token_id=[-1])
         g1 = sw.model.generate(**bs[0], max_new_tokens=6, eos_token_id=[-1])

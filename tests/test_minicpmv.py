@@ -24,7 +24,7 @@ from model.minicpmv.tiny import write_checkpoint
 from model.minicpmv.vision import position_ids
 from model.resampler import sincos_2d
 from tests import DEVICE, main
-from tests.helpers import logits, rel, rotated, stored_tensors
+from tests.helpers import count_aifs_attention, logits, rel, rotated, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -277,7 +277,8 @@ def test_rotation_keeps_logits_on_multi_slice_images(folder, monkeypatch):
     assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-2
 
 
-def test_aifs_is_invariant_on_sliced_images_and_msq_scales_do_not_depend_on_it(folder):
+def test_aifs_is_invariant_on_sliced_images_and_msq_scales_do_not_depend_on_it(folder, monkeypatch):
+    aifs_calls = count_aifs_attention(monkeypatch)
     ad = registry.get("minicpmv")
     base = loaded(folder)
     sw = Loaded(copy.deepcopy(base.model), base.processor, base.path)
@@ -286,6 +287,7 @@ def test_aifs_is_invariant_on_sliced_images_and_msq_scales_do_not_depend_on_it(f
     mask = ad.visual_token_mask(base, bs[0])[0]
     assert int(mask.sum()) == 16 * bs[0]["tgt_sizes"].shape[0] and not bool(mask[-1])
     assert torch.allclose(logits(sw.model, bs), logits(base.model, bs), atol=1e-5, rtol=0)
+    assert aifs_calls  # the prefill ran attention in the original order
     with torch.no_grad():  # beam search through the permuted prefill and its cache
         g0 = base.model.generate(**bs[0], max_new_tokens=6, num_beams=3, repetition_penalty=1.2, eos_token_id=[-1])
         g1 = sw.model.generate(**bs[0], max_new_tokens=6, num_beams=3, repetition_penalty=1.2, eos_token_id=[-1])

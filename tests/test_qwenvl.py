@@ -22,7 +22,7 @@ from model.qwenvl.qwen import ntk_alpha
 from model.qwenvl.tiny import write_checkpoint
 from model.resampler import sincos_2d
 from tests import DEVICE, main
-from tests.helpers import batches, logits, rel, rotated, stored_tensors
+from tests.helpers import count_aifs_attention, batches, logits, rel, rotated, stored_tensors
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -304,13 +304,15 @@ def test_rotation_negative_controls(folder, monkeypatch):
     assert rel(logits(rotated(ad, base)[0].model, bs), ref) > 1e-3
 
 
-def test_aifs_is_invariant_and_msq_scales_do_not_depend_on_it(folder):
+def test_aifs_is_invariant_and_msq_scales_do_not_depend_on_it(folder, monkeypatch):
+    aifs_calls = count_aifs_attention(monkeypatch)
     ad = registry.get("qwenvl")
     base = loaded(folder)
     sw = Loaded(copy.deepcopy(base.model), base.processor, base.path)
     pipeline.rebuild(QuantConfig(aifs=True), ad, sw)
     bs = batches(ad, base, n=2, seed=7)
     assert torch.allclose(logits(sw.model, bs), logits(base.model, bs), atol=1e-5, rtol=0)
+    assert aifs_calls  # the prefill ran attention in the original order
     with torch.no_grad():
         g0 = base.model.generate(**bs[0], max_new_tokens=6, eos_token_id=[-1])
         g1 = sw.model.generate(**bs[0], max_new_tokens=6, eos_token_id=[-1])

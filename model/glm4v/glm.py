@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from fake_quant.aifs import attention as aifs_attention
+
 from ..layers import CastBackRMSNorm, attention_mask_4d
 from .config import ChatGLMConfig
 
@@ -69,7 +71,7 @@ class SelfAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)  # the cache holds the KV groups, not 32 heads
         group = self.num_heads // kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 

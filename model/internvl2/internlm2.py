@@ -20,6 +20,8 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
 )
 
+from fake_quant.aifs import attention as aifs_attention
+
 from ..layers import CastBackRMSNorm as InternLM2RMSNorm
 from ..layers import apply_rope, attention_mask_4d, rope_tables
 from .config import InternLM2Config
@@ -78,7 +80,7 @@ class InternLM2Attention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         k = k.repeat_interleave(self.groups, dim=1)
         v = v.repeat_interleave(self.groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 

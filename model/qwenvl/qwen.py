@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from fake_quant.aifs import attention as aifs_attention
+
 from ..layers import CastBackRMSNorm, apply_rope, attention_mask_4d, rope_tables
 from .config import QWenConfig
 from .vision import VisionTransformer
@@ -51,7 +53,7 @@ class QWenAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)  # cached keys: after RoPE, before logn
         if logn is not None:
             q = q * logn[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
         return self.c_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
