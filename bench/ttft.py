@@ -60,6 +60,8 @@ class Setting:
     model: torch.nn.Module | None = None
     times: dict[str, list[float]] = field(default_factory=dict)   # mode ("eager" / "fused") -> seconds
     linear_times: dict[str, list[float]] = field(default_factory=dict)
+    gemm_times: dict[str, list[float]] = field(default_factory=dict)
+    attn_times: dict[str, list[float]] = field(default_factory=dict)
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -155,27 +157,73 @@ def linear_bytes(model: torch.nn.Module, under: str) -> int:
 
 
 class LinearClock:
-    """Wall time spent inside the decoder layers' linear layers (online Hadamard and activation quantization
-    included), summed over one forward: the part of the prefill that the int8 kernels replace."""
+    """Wall time summed over one forward, inside the decoder layers: in their linear layers (online Hadamard and
+    activation quantization included: the part of the prefill the int8 kernels replace), in the int8 GEMM calls
+    alone (what is left of the linears if quantizing cost nothing), and in the self-attention modules outside
+    their linears (RoPE, SDPA: the attention core)."""
 
     def __init__(self, model: torch.nn.Module, under: str) -> None:
         from fake_quant.rms import SplitQuantLinear
 
         kinds = (RealQuantLinear, torch.nn.Linear, SplitQuantLinear)
-        self.total, self._t0 = 0.0, {}
-        self.handles, taken = [], []
+        self.total = self.gemm = self.attn = self.attn_linears = 0.0
+        self._t0 = {}
+        self.handles, taken, self._kernels = [], [], []
         for name, m in model.named_modules():
-            if not name.startswith(under) or not isinstance(m, kinds) or any(name.startswith(t + ".") for t in taken):
+            if not name.startswith(under):
+                continue
+            if name.endswith("self_attn"):
+                self.handles.append(m.register_forward_pre_hook(self._start))
+                self.handles.append(m.register_forward_hook(self._stop_attn))
+            if not isinstance(m, kinds) or any(name.startswith(t + ".") for t in taken):
                 continue
             taken.append(name)
+            inside = ".self_attn." in name
             self.handles.append(m.register_forward_pre_hook(self._start))
-            self.handles.append(m.register_forward_hook(self._stop))
+            self.handles.append(m.register_forward_hook(self._stop_in_attn if inside else self._stop))
+        for name, m in model.named_modules():
+            if name.startswith(under) and isinstance(m, RealQuantLinear):
+                self._time_gemm(m.kernel)
+
+    def _time_gemm(self, kernel) -> None:
+        attr = "matmul" if hasattr(kernel, "matmul") else "_run"
+        fn = getattr(kernel, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            self.gemm += time.perf_counter() - t0
+            return out
+
+        setattr(kernel, attr, timed)
+        self._kernels.append((kernel, attr))
+
+    def reset(self) -> None:
+        self.total = self.gemm = self.attn = self.attn_linears = 0.0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for kernel, attr in self._kernels:
+            delattr(kernel, attr)  # the instance attribute shadowed the method
 
     def _start(self, module, args):
         self._t0[id(module)] = time.perf_counter()
 
     def _stop(self, module, args, out):
         self.total += time.perf_counter() - self._t0.pop(id(module))
+
+    def _stop_in_attn(self, module, args, out):
+        dt = time.perf_counter() - self._t0.pop(id(module))
+        self.total += dt
+        self.attn_linears += dt
+
+    def _stop_attn(self, module, args, out):
+        self.attn += time.perf_counter() - self._t0.pop(id(module))
+
+    @property
+    def attention_core(self) -> float:
+        return self.attn - self.attn_linears
 
 
 def set_fuse(model: torch.nn.Module, fuse: bool) -> None:
@@ -204,17 +252,18 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
                 set_fuse(s.model, m == "fused")
                 gc.collect()
                 clock = clocks[id(s.model)]
-                clock.total = 0.0
+                clock.reset()
                 with RssPeak() as rss:
                     t0 = time.perf_counter()
                     forward(s.model, inputs, s.dtype)
                     dt = time.perf_counter() - t0
                 s.times.setdefault(m, []).append(dt)
                 s.linear_times.setdefault(m, []).append(clock.total)
+                s.gemm_times.setdefault(m, []).append(clock.gemm)
+                s.attn_times.setdefault(m, []).append(clock.attention_core)
                 s.rss[m] = max(s.rss.get(m, 0), rss.peak - rss.base)
     for c in clocks.values():
-        for h in c.handles:
-            h.remove()
+        c.remove()
 
 
 def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
@@ -225,8 +274,11 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     lines = [f"### {title}", "",
              f"baseline: {base.name} (the faster floating-point path here); ratios are speed-ups (higher is faster)",
              "", "| setting | mode | prefill ms | x vs FP32 | x vs " + base.name + " | x vs dynamic | in linears ms "
-             "| linears x vs dynamic | prefill peak RSS MB | decoder linears MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| linears x vs dynamic | in int8 GEMMs ms | attention core ms | prefill peak RSS MB | decoder linears MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lin = {(s.name, m): statistics.median(v) for s in settings for m, v in s.linear_times.items()}
+    gemm = {(s.name, m): statistics.median(v) for s in settings for m, v in s.gemm_times.items()}
+    attn = {(s.name, m): statistics.median(v) for s in settings for m, v in s.attn_times.items()}
     fp32 = next(s for s in fp if s.dtype == torch.float32)
     for s in settings:
         for m in (modes if s.quant else ("eager",)):
@@ -236,6 +288,7 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
             lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and s.quant else ""
             lines.append(f"| {s.name} | {mode} | {t * 1e3:.0f} | {med[fp32.name, 'eager'] / t:.2f} | "
                          f"{med[base.name, 'eager'] / t:.2f} | {vs_dyn} | {lin[s.name, m] * 1e3:.0f} | {lin_dyn} | "
+                         f"{f'{gemm[s.name, m] * 1e3:.0f}' if s.quant else ''} | {attn[s.name, m] * 1e3:.0f} | "
                          f"{s.rss[m] / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} |")
     lines.append("")
     lines.append(f"repeats per row: {len(settings[0].times['eager'])} (interleaved); spread (max/min) of the rows: "
@@ -326,7 +379,7 @@ def kl_from(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 
 
 def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forward, backend: str,
-                   visual_part: bool = False) -> list[Setting]:
+                   visual_part: bool = False, only: list[str] | None = None) -> list[Setting]:
     """FP32 and BF16 models, then each quantized setting: calibrated (fake quant), compared with its realized
     model on ``probes`` (held-out prompts), realized."""
     from model.base import Loaded
@@ -338,6 +391,8 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
     settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
                                                                     copy.deepcopy(fp32).to(torch.bfloat16))]
     for name, q in QUANT_SETTINGS:
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
         cfg = quant_config(**q, visual=visual_part)
         loaded = Loaded(copy.deepcopy(fp32), None, "bench")
         logging.getLogger("mquant").info("calibrating %s", name)
@@ -448,7 +503,7 @@ def part_stack(args, modes) -> list[str]:
 
     calib = [stack_inputs(256, args.vocab, seed=s) for s in (1, 2)]
     probes = [stack_inputs(256, args.vocab, seed=s) for s in (3, 4, 5)]
-    settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend)
+    settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend, only=args.settings)
     out = []
     for nv in args.visual:
         inputs = stack_inputs(nv, args.vocab)
@@ -493,7 +548,8 @@ def part_minivlm(args, modes) -> list[str]:
         b = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         return model(**b, use_cache=False, logits_to_keep=1).logits
 
-    settings = build_settings(lambda: base.model, adapter, calib, probes, forward, args.backend, visual_part=True)
+    settings = build_settings(lambda: base.model, adapter, calib, probes, forward, args.backend, visual_part=True,
+                              only=args.settings)
     out = []
     for r in eval_rows[:1]:
         inputs = batch(r)
@@ -524,7 +580,12 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "onednn", "fbgemm"])
     ap.add_argument("--no_fuse", action="store_true", help="skip the compiled-quantize timings")
     ap.add_argument("--json", default=None, help="also write the tables and the machine to this file")
+    ap.add_argument("--settings", default=None, help="only the quantized settings whose names contain one of these "
+                    "comma-separated words (case-insensitive), e.g. 'one scale,AIFS'; FP32 and BF16 always run")
     args = ap.parse_args()
+    args.settings = [w.strip() for w in args.settings.split(",") if w.strip()] if args.settings else None
+    if args.settings and not any(any(w.lower() in n.lower() for w in args.settings) for n, _ in QUANT_SETTINGS):
+        ap.error(f"--settings {','.join(args.settings)}: matches none of {[n for n, _ in QUANT_SETTINGS]}")
     args.visual = [int(v) for v in args.visual.split(",")]
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
