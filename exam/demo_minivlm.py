@@ -60,15 +60,48 @@ def evaluation_rows(eval_num: int | None) -> dict[str, list[dict]]:
 
 
 def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int):
-    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32)."""
+    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32), and its config (None for FP32)."""
     loaded = adapter.load("minivlm", "cpu", torch.float32)
+    cfg = None
     if flags:
         cfg = config_from_args(build_parser("llava").parse_args(
             ["--model_path", "minivlm", "--nsamples", str(nsamples), "--calib_num", str(calib_num), *flags]))
         batches = [adapter.build_inputs(loaded, Sample([datasets.image_of(r)], r["question"]), "cpu")
                    for r in calib_rows]
         pipeline.run(cfg, adapter, loaded, batches[:nsamples], batches[:calib_num])
-    return loaded
+    return loaded, cfg
+
+
+def prefill_prompts(adapter, loaded, evals: dict[str, list[dict]], per_subset: int) -> list[dict]:
+    return [adapter.build_inputs(loaded, Sample([datasets.image_of(r)], adapter.prompt(s, r)), "cpu")
+            for s, rows in evals.items() for r in rows[:per_subset]]
+
+
+def prefill_seconds(model, prompts: list[dict], repeats: int = 3) -> float:
+    """Median over ``repeats`` of the summed prefill time (vision tower included, last token's logits) of
+    ``prompts``, after one warm-up pass."""
+    def once() -> float:
+        t0 = time.perf_counter()
+        for p in prompts:
+            model(**p, use_cache=False, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    once()
+    return sorted(once() for _ in range(repeats))[repeats // 2]
+
+
+def realized_prefill(cfg, loaded, prompts: list[dict]) -> tuple[float | None, str]:
+    """Prefill seconds of ``loaded`` run on the int8 kernels (``--real_quant``), or None and why not."""
+    from fake_quant.realize import KernelUnavailable, config_errors
+
+    errs = config_errors(cfg)
+    if errs:
+        return None, errs[0]
+    try:
+        report = pipeline.realize(cfg, loaded)
+    except (KernelUnavailable, ValueError) as e:
+        return None, str(e)
+    return prefill_seconds(loaded.model, prompts), report.backend
 
 
 def projector_digest() -> str:
@@ -111,16 +144,24 @@ def diff_cell(u: Uncertainty) -> str:
 
 
 def header(subsets) -> str:
-    cols = ["setting", "KL", *subsets, "mean", "mean - FP32", "same answer %", "seconds"]
+    cols = ["setting", "KL", *subsets, "mean", "mean - FP32", "same answer %", "prefill ms", "x vs FP32", "seconds"]
     return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
 
 
-def table_row(name: str, kl: float, unc: dict[str, Uncertainty], seconds: float) -> str:
+def prefill_cells(prefill: float | None, ref: float | None) -> str:
+    if prefill is None:
+        return " | "
+    speed = "" if ref is None or prefill == ref else f"{ref / prefill:.2f}"
+    return f"{prefill * 1e3:.0f} | {speed}"
+
+
+def table_row(name: str, kl: float, unc: dict[str, Uncertainty], seconds: float, prefill: float | None = None,
+              ref_prefill: float | None = None) -> str:
     subsets = [k for k in unc if k != "mean"]
     m = unc["mean"]
     agree = "" if m.agreement is None else f"{m.agreement:.1f}"
     return (f"| {name} | {kl:.4f} | " + " | ".join(cell(unc[s]) for s in subsets) +
-            f" | {cell(m)} | {diff_cell(m)} | {agree} | {seconds:.0f} |")
+            f" | {cell(m)} | {diff_cell(m)} | {agree} | {prefill_cells(prefill, ref_prefill)} | {seconds:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -133,7 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib_num", type=int, default=64)
     ap.add_argument("--max_new_tokens", type=int, default=6)
     ap.add_argument("--only", default=None, help="run only settings whose name contains this (FP32 always runs)")
+    ap.add_argument("--prefill_rows", type=int, default=2,
+                    help="rows per subset whose prefill is timed, FP32 against each setting run on the int8 kernels "
+                         "(--real_quant; 0: no timing)")
     args = ap.parse_args(argv)
+    if args.prefill_rows < 0:
+        ap.error(f"--prefill_rows must be 0 or more, got {args.prefill_rows}")
     if args.eval_num is not None and args.eval_num < 1:
         ap.error(f"--eval_num must be at least 1, got {args.eval_num}")
     if args.kl_rows < 1:
@@ -152,7 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"torch {machine['torch']}.\n"
           f"KL: KL(FP32 || setting), nats per text token, teacher-forced on {args.kl_rows} rows per subset. Scores in "
           f"percent with 95% bootstrap intervals; 'mean - FP32' is the paired difference (same resampled rows), "
-          f"marked ~ where its interval contains 0 (not distinguishable from FP32 on these rows).\n")
+          f"marked ~ where its interval contains 0 (not distinguishable from FP32 on these rows). Prefill: "
+          f"{args.prefill_rows} prompt(s) per subset, the whole prefill (vision tower included), FP32 against the "
+          f"setting run on the int8 kernels (--real_quant, non-GEMM parts in fp32), median of 3.\n")
     return run_table(SETTINGS, evals, calib_rows, args, summary, "summary.json",
                      (lambda n: args.only in n) if args.only else None)
 
@@ -166,12 +214,13 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         raise ValueError("the first setting must be FP32 (no flags): it is the reference")
     adapter = get("llava")
     print(header(synthbench.SUBSETS))
-    ref_lp = ref_preds = None
+    ref_lp = ref_preds = ref_prefill = None
+    prefill_rows = getattr(args, "prefill_rows", 0)
     for name, flags in settings:
         if ref_lp is not None and selected is not None and not selected(name):
             continue
         t0 = time.perf_counter()
-        loaded = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
+        loaded, cfg = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
         lp = text_logprobs(adapter, loaded, teacher_forced_inputs(adapter, loaded, evals, args.kl_rows))
         preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
                                   {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
@@ -182,9 +231,18 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         unc = bootstrap_table({s: (evals[s], preds[s], None if reference else ref_preds[s]) for s in evals},
                               n_boot=args.n_boot)
         seconds = time.perf_counter() - t0
+        prefill, backend = None, None
+        if prefill_rows:  # last: realization replaces the fake-quant layers
+            prompts = prefill_prompts(adapter, loaded, evals, prefill_rows)
+            if reference:
+                prefill = ref_prefill = prefill_seconds(loaded.model, prompts)
+            else:
+                prefill, backend = realized_prefill(cfg, loaded, prompts)
         summary["settings"][name] = {"kl": kl, "seconds": seconds, "flags": flags,
-                                     "scores": {k: u.as_dict() for k, u in unc.items()}}
-        print(table_row(name, kl, unc, seconds), flush=True)
+                                     "scores": {k: u.as_dict() for k, u in unc.items()},
+                                     "prefill_seconds": prefill, "prefill_prompts": prefill_rows * len(evals),
+                                     "prefill_int8": backend}
+        print(table_row(name, kl, unc, seconds, prefill, ref_prefill), flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, summary_name), "w") as f:
             json.dump(summary, f, indent=2)

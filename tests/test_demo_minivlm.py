@@ -39,3 +39,11 @@ def test_summary_records_machine_intervals_and_kl(demo_summary):
         assert u["low"] <= u["score"] <= u["high"] and 0.0 <= u["agreement"] <= 100.0
         assert u["diff"] == pytest.approx(u["score"] - fp["scores"][name]["score"], abs=1e-3)
         assert u["diff_low"] <= u["diff"] <= u["diff_high"]
+
+
+def test_prefill_column_times_fp32_and_the_realized_model(demo_summary):
+    _, on_disk = demo_summary
+    fp, q = on_disk["settings"]["FP32"], on_disk["settings"]["W8A8 MQuant (static)"]
+    assert fp["prefill_prompts"] == q["prefill_prompts"] == 6  # 2 prompts per subset by default
+    assert fp["prefill_seconds"] > 0 and fp["prefill_int8"] is None
+    assert q["prefill_seconds"] > 0 and q["prefill_int8"] in ("onednn", "fbgemm")
