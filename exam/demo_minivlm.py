@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sys
 import time
 
@@ -49,10 +50,15 @@ SETTINGS = [
 ]
 
 
-def calibration_rows(nsamples: int, calib_num: int) -> list[dict]:
-    """An even spread over the three SynthBench calibration files (never the evaluation files)."""
-    rows = [r for s in synthbench.SUBSETS for r in datasets.load_rows(DATA, f"{s}_calib")]
-    return rows[:: max(1, len(rows) // max(nsamples, calib_num))]
+def calibration_rows(nsamples: int, calib_num: int, seed: int = 0) -> list[dict]:
+    """Rows of the three SynthBench calibration files (never the evaluation files). ``seed`` 0: an even spread
+    (every k-th row); any other seed: a random draw of as many rows (``random.Random(seed)``), in drawn order --
+    the first ``nsamples`` feed GPTQ, the first ``calib_num`` the static scales."""
+    rows = [{**r, "calib_file": f"{s}_calib"} for s in synthbench.SUBSETS for r in datasets.load_rows(DATA, f"{s}_calib")]
+    n = max(nsamples, calib_num)
+    if seed == 0:
+        return rows[:: max(1, len(rows) // n)]
+    return random.Random(seed).sample(rows, min(n, len(rows)))
 
 
 def evaluation_rows(eval_num: int | None) -> dict[str, list[dict]]:
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n_boot", type=int, default=1000, help="bootstrap draws for the intervals (default 1000)")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--calib_num", type=int, default=64)
+    ap.add_argument("--calib_seed", type=int, default=0,
+                    help="which calibration rows: 0 (default) an even spread over the calibration files, another "
+                         "value a random draw of that seed (the spread of scores across seeds: docs/results.md)")
     ap.add_argument("--max_new_tokens", type=int, default=6)
     ap.add_argument("--only", default=None, help="run only settings whose name contains this (FP32 always runs)")
     ap.add_argument("--prefill_rows", type=int, default=2,
@@ -187,14 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
     evals = evaluation_rows(args.eval_num)
-    calib_rows = calibration_rows(args.nsamples, args.calib_num)
+    if args.calib_seed < 0:
+        ap.error(f"--calib_seed must be 0 or more, got {args.calib_seed}")
+    calib_rows = calibration_rows(args.nsamples, args.calib_num, args.calib_seed)
     machine = machine_info()
 
     summary = {"machine": machine, "eval_rows": {s: len(r) for s, r in evals.items()}, "kl_rows": args.kl_rows,
+               "calibration": {"seed": args.calib_seed, "rows": [f"{r['calib_file']}:{r['index']}" for r in calib_rows]},
                "settings": {}}
     print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench "
           f"({', '.join(f'{len(r)} rows' for r in evals.values())}), CPU fp32; calibration: {len(calib_rows)} rows "
-          f"of the SynthBench calibration files. Machine: {machine['isa']}; {machine['threads']} threads; "
+          f"of the SynthBench calibration files (--calib_seed {args.calib_seed}). Machine: {machine['isa']}; {machine['threads']} threads; "
           f"torch {machine['torch']}.\n"
           f"KL: KL(FP32 || setting), nats per text token, teacher-forced on {args.kl_rows} rows per subset. Scores in "
           f"percent with 95% bootstrap intervals; 'mean - FP32' is the paired difference (same resampled rows), "

@@ -94,3 +94,22 @@ def test_prompts_follow_vlmevalkit_per_family():
     assert q25.prompt("TextVQA_VAL", row) == "what is written?\nAnswer the question using a single word or phrase."
     assert q2.prompt("MME", row) == q25.prompt("MME", row) == "what is written?"
     assert q2.pixel_budget("OCRBench") == {"shortest_edge": 78400, "longest_edge": 16384 * 28 * 28}
+
+
+def test_demo_calibration_rows_per_seed():
+    """The demo's calibration draw: seed 0 is the even spread over the three calibration files, another seed a
+    reproducible random draw of as many rows; never an evaluation row."""
+    from evaluation import synthbench
+    from exam.demo_minivlm import calibration_rows
+
+    def keys(rows):
+        return [f"{r['calib_file']}:{r['index']}" for r in rows]
+
+    spread = calibration_rows(32, 64)
+    assert len(spread) == 64 and {r["calib_file"] for r in spread} == {f"{s}_calib" for s in synthbench.SUBSETS}
+    assert keys(spread)[:3] == ["SynthBench_OCR_calib:0", "SynthBench_OCR_calib:3", "SynthBench_OCR_calib:6"]
+    one, again, two = calibration_rows(32, 64, 1), calibration_rows(32, 64, 1), calibration_rows(32, 64, 2)
+    assert keys(one) == keys(again) and len(set(keys(one))) == 64
+    assert keys(one) != keys(two) and keys(one) != keys(spread)
+    assert len(calibration_rows(8, 300, 3)) == 192  # never more rows than the files hold
+    assert all(r["calib_file"].endswith("_calib") for r in one + two)
