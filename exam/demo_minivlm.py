@@ -234,8 +234,12 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         t0 = time.perf_counter()
         loaded, cfg = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
         lp = text_logprobs(adapter, loaded, teacher_forced_inputs(adapter, loaded, evals, args.kl_rows))
-        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)),
-                                  {"setting": name, "flags": flags, "eval_num": args.eval_num}, args.max_new_tokens)
+        meta = {"setting": name, "flags": flags, "eval_num": args.eval_num}
+        if flags:  # cached answers of a quantized setting belong to its calibration rows
+            meta["calibration"] = {"nsamples": args.nsamples, "calib_num": args.calib_num,
+                                   "rows": [f"{r.get('calib_file', '')}:{r['index']}" for r in calib_rows]}
+        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)), meta,
+                                  args.max_new_tokens)
         reference = ref_lp is None
         if reference:
             ref_lp, ref_preds = lp, preds
