@@ -10,6 +10,7 @@ from fake_quant.config import QuantConfig
 from model import registry, tiny
 from model.base import Loaded, Sample
 from tests import DEVICE
+from tests.helpers import count_aifs_attention
 
 PAD = tiny.TinyQwenProcessor.PAD
 
@@ -171,16 +172,9 @@ def test_attention_in_original_order_equals_the_permuted_mask(name, kv_heads):
         assert (wrong - ref).abs().max() > 1e-2
 
 
-def _count_original_order(monkeypatch):
-    calls = []
-    fn = aifs._original_order
-    monkeypatch.setattr(aifs, "_original_order", lambda *a, **kw: calls.append(a[0].shape[2]) or fn(*a, **kw))
-    return calls
-
-
 def test_model_prefill_takes_the_original_order_path(pair, monkeypatch):
     ad, base, sw = pair
-    calls = _count_original_order(monkeypatch)
+    calls = count_aifs_attention(monkeypatch)
     inp = ad.build_inputs(base, Sample(images(1), "What is shown?"), DEVICE)
     assert torch.allclose(logits(sw, inp), logits(base, inp), atol=1e-5, rtol=0)
     n_layers = len(sw.model.model.language_model.layers)
@@ -191,7 +185,7 @@ def test_model_prefill_takes_the_original_order_path(pair, monkeypatch):
 
 def test_padded_batch_keeps_the_mask(pair, monkeypatch):
     _, base, sw = pair
-    calls = _count_original_order(monkeypatch)
+    calls = count_aifs_attention(monkeypatch)
     inp = _left_padded_batch(base.processor, [PAD + " short?", "a much longer question " + PAD + " about this?"], images(2))
     valid = inp["attention_mask"].bool()
     assert torch.allclose(logits(sw, inp)[valid], logits(base, inp)[valid], atol=1e-5, rtol=0)
