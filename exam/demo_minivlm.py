@@ -238,7 +238,9 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         if flags:  # cached answers of a quantized setting belong to its calibration rows
             meta["calibration"] = {"nsamples": args.nsamples, "calib_num": args.calib_num,
                                    "rows": [f"{r.get('calib_file', '')}:{r['index']}" for r in calib_rows]}
-        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, slug(name)), meta,
+        seed = getattr(args, "calib_seed", 0)
+        folder = slug(name) + (f"_calib_seed{seed}" if flags and seed else "")  # FP32's answers serve every seed
+        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, folder), meta,
                                   args.max_new_tokens)
         reference = ref_lp is None
         if reference:
