@@ -7,11 +7,16 @@ evaluation subsets; calibration uses the SynthBench calibration files (another s
 shown with 95% bootstrap intervals: of each score, and of its paired difference from FP32 (the same resampled
 rows for both), with the share of answers it gives exactly as FP32 does.
 
-Prints a Markdown table and writes ``outputs/demo/summary.json``: ``{"machine": {...}, "settings": {setting:
-{"kl": ..., "seconds": ..., "scores": {subset or "mean": {"score", "low", "high", "agreement", "diff",
-"diff_low", "diff_high"}}}}}``.
+Prints a Markdown table and writes ``outputs/demo/summary.json``: ``{"machine": {...}, "calibration": {"seed", "rows"},
+"settings": {setting: {"kl": ..., "seconds": ..., "prefill_seconds": ..., "prefill_int8": backend, "scores":
+{subset or "mean": {"score", "low", "high", "agreement", "diff", "diff_low", "diff_high"}}}}}``.
 
-    python exam/demo_minivlm.py [--eval_num N] [--kl_rows N] [--output_dir outputs/demo]
+Each setting's prefill is also timed on the int8 kernels (``--real_quant``) against FP32 (``--prefill_rows`` prompts per
+subset). ``--calib_seed`` picks the calibration rows (0: an even spread; another seed: a random draw), and a
+quantized setting's cached answers are kept per seed.
+
+    python exam/demo_minivlm.py [--eval_num N] [--kl_rows N] [--prefill_rows N] [--calib_seed S]
+                                [--only WORDS] [--output_dir outputs/demo]
 """
 from __future__ import annotations
 
