@@ -66,14 +66,15 @@ def _original_order(q, k, v, order: _Order, scale, enable_gqa: bool) -> torch.Te
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask)`` (``[batch, heads, seq, dim]``), except during an
-    AIFS prefill without padding, where ``attn_mask`` is the permuted causal mask and the same result is
+              scale: float | None = None, enable_gqa: bool = False, is_causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=...)`` (``[batch, heads, seq, dim]``), except
+    during an AIFS prefill without padding, where ``attn_mask`` is the permuted causal mask and the same result is
     computed in the original order with ``is_causal`` (module docstring)."""
     order = _applies(q, k) if attn_mask is not None else None
     if order is not None:
         return _original_order(q, k, v, order, scale, enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa,
+                                          is_causal=is_causal and attn_mask is None)
 
 
 def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,

@@ -65,6 +65,19 @@ def attention_mask_4d(mask: torch.Tensor | None, batch: int, q_len: int, past: i
     return allowed | (kpos == qpos)[None, None]
 
 
+def attention_mask_or_causal(mask: torch.Tensor | None, batch: int, q_len: int, past: int,
+                             device) -> torch.Tensor | None:
+    """:func:`attention_mask_4d`, or None where no key is padding and the plain causal rule holds with SDPA's
+    ``is_causal`` (no cache, or one new token): torch's CPU kernels compute the full square for any explicit mask
+    but skip the upper triangle with ``is_causal``. Callers pass ``is_causal=mask is None and q_len > 1``."""
+    if (mask is None or (mask.dim() == 2 and bool(mask.all()))) and (past == 0 or q_len == 1):
+        if mask is not None and mask.shape != (batch, past + q_len):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, past + q_len)} "
+                             "(batch, cached + new tokens)")
+        return None
+    return attention_mask_4d(mask, batch, q_len, past, device)
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, input_ids: torch.Tensor, eos: tuple[int, ...], attention_mask=None,
                     max_new_tokens: int = 32, pad_token_id: int | None = None, **prefill) -> torch.Tensor:

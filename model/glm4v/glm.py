@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fake_quant.aifs import attention as aifs_attention
 
-from ..layers import CastBackRMSNorm, attention_mask_4d
+from ..layers import CastBackRMSNorm, attention_mask_or_causal
 from .config import ChatGLMConfig
 
 
@@ -71,7 +71,8 @@ class SelfAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)  # the cache holds the KV groups, not 32 heads
         group = self.num_heads // kv
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
+        out = aifs_attention(q, k, v, attn_mask=attention_mask,  # F.sdpa, AIFS-aware
+                     is_causal=attention_mask is None and q.shape[2] > 1)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -122,7 +123,7 @@ class GLMTransformer(nn.Module):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
-        mask = attention_mask_4d(attention_mask, b, s, past, x.device)
+        mask = attention_mask_or_causal(attention_mask, b, s, past, x.device)
         rope = rope_tables(position_ids, self.config.rotary_dim, 10000.0 * self.config.rope_ratio, x.dtype)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:

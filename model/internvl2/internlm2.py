@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
 from fake_quant.aifs import attention as aifs_attention
 
 from ..layers import CastBackRMSNorm as InternLM2RMSNorm
-from ..layers import apply_rope, attention_mask_4d, rope_tables
+from ..layers import apply_rope, attention_mask_or_causal, rope_tables
 from .config import InternLM2Config
 
 
@@ -80,7 +80,8 @@ class InternLM2Attention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)
         k = k.repeat_interleave(self.groups, dim=1)
         v = v.repeat_interleave(self.groups, dim=1)
-        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
+        out = aifs_attention(q, k, v, attn_mask=attention_mask,  # F.sdpa, AIFS-aware
+                     is_causal=attention_mask is None and q.shape[2] > 1)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -134,7 +135,7 @@ class InternLM2Model(nn.Module):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
-        mask = attention_mask_4d(attention_mask, b, s, past, x.device)
+        mask = attention_mask_or_causal(attention_mask, b, s, past, x.device)
         rope = self.rotary(position_ids, x.dtype)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from fake_quant.aifs import attention as aifs_attention
 
-from ..layers import CastBackRMSNorm, apply_rope, attention_mask_4d, rope_tables
+from ..layers import CastBackRMSNorm, apply_rope, attention_mask_or_causal, rope_tables
 from .config import QWenConfig
 from .vision import VisionTransformer
 
@@ -53,7 +53,8 @@ class QWenAttention(nn.Module):
             k, v = past_key_values.update(k, v, self.layer_idx)  # cached keys: after RoPE, before logn
         if logn is not None:
             q = q * logn[:, None, :, None]
-        out = aifs_attention(q, k, v, attn_mask=attention_mask)  # F.sdpa, AIFS-aware
+        out = aifs_attention(q, k, v, attn_mask=attention_mask,  # F.sdpa, AIFS-aware
+                     is_causal=attention_mask is None and q.shape[2] > 1)
         return self.c_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -122,7 +123,7 @@ class QWenModel(nn.Module):
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, -1)
         if past == 0:
             self._ntk_alpha = ntk_alpha(s, self.config.seq_length) if self.config.use_dynamic_ntk else 1.0
-        mask = attention_mask_4d(attention_mask, b, s, past, x.device)
+        mask = attention_mask_or_causal(attention_mask, b, s, past, x.device)
         rope = rope_tables(position_ids, self._inv_freq(self._ntk_alpha, x.device), x.dtype)
         logn = self._logn(position_ids, x.dtype)
         hidden = [x] if output_hidden_states else None
