@@ -83,6 +83,11 @@ def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsample
     return loaded, cfg
 
 
+def calibration_keys(rows: list[dict]) -> list[str]:
+    """``file:index`` of each calibration row (what summary.json records and cached answers are keyed by)."""
+    return [f"{r['calib_file']}:{r['index']}" for r in rows]
+
+
 def prefill_prompts(adapter, loaded, evals: dict[str, list[dict]], per_subset: int) -> list[dict]:
     return [adapter.build_inputs(loaded, Sample([datasets.image_of(r)], adapter.prompt(s, r)), "cpu")
             for s, rows in evals.items() for r in rows[:per_subset]]
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine = machine_info()
 
     summary = {"machine": machine, "eval_rows": {s: len(r) for s, r in evals.items()}, "kl_rows": args.kl_rows,
-               "calibration": {"seed": args.calib_seed, "rows": [f"{r['calib_file']}:{r['index']}" for r in calib_rows]},
+               "calibration": {"seed": args.calib_seed, "rows": calibration_keys(calib_rows)},
                "settings": {}}
     print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench "
           f"({', '.join(f'{len(r)} rows' for r in evals.values())}), CPU fp32; calibration: {len(calib_rows)} rows "
@@ -242,7 +247,7 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         meta = {"setting": name, "flags": flags, "eval_num": args.eval_num}
         if flags:  # cached answers of a quantized setting belong to its calibration rows
             meta["calibration"] = {"nsamples": args.nsamples, "calib_num": args.calib_num,
-                                   "rows": [f"{r.get('calib_file', '')}:{r['index']}" for r in calib_rows]}
+                                   "rows": calibration_keys(calib_rows)}
         seed = getattr(args, "calib_seed", 0)
         folder = slug(name) + (f"_calib_seed{seed}" if flags and seed else "")  # FP32's answers serve every seed
         preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, folder), meta,

@@ -70,12 +70,10 @@ def attention_mask_or_causal(mask: torch.Tensor | None, batch: int, q_len: int, 
     """:func:`attention_mask_4d`, or None where no key is padding and the plain causal rule holds with SDPA's
     ``is_causal`` (no cache, or one new token): torch's CPU kernels compute the full square for any explicit mask
     but skip the upper triangle with ``is_causal``. Callers pass ``is_causal=mask is None and q_len > 1``."""
-    if (mask is None or (mask.dim() == 2 and bool(mask.all()))) and (past == 0 or q_len == 1):
-        if mask is not None and mask.shape != (batch, past + q_len):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, past + q_len)} "
-                             "(batch, cached + new tokens)")
+    no_padding = mask is None or (mask.shape == (batch, past + q_len) and bool(mask.all()))
+    if no_padding and (past == 0 or q_len == 1):
         return None
-    return attention_mask_4d(mask, batch, q_len, past, device)
+    return attention_mask_4d(mask, batch, q_len, past, device)  # also rejects a mask of the wrong shape
 
 
 @torch.no_grad()

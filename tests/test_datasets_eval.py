@@ -100,10 +100,8 @@ def test_demo_calibration_rows_per_seed():
     """The demo's calibration draw: seed 0 is the even spread over the three calibration files, another seed a
     reproducible random draw of as many rows; never an evaluation row."""
     from evaluation import synthbench
+    from exam.demo_minivlm import calibration_keys as keys
     from exam.demo_minivlm import calibration_rows
-
-    def keys(rows):
-        return [f"{r['calib_file']}:{r['index']}" for r in rows]
 
     spread = calibration_rows(32, 64)
     assert len(spread) == 64 and {r["calib_file"] for r in spread} == {f"{s}_calib" for s in synthbench.SUBSETS}
