@@ -121,10 +121,10 @@ def realized_prefill(cfg, loaded, prompts: list[dict]) -> tuple[float | None, st
 
 
 def projector_digest() -> str:
-    """Identifies the trained projector, so cached predictions of another one are never reused."""
-    from model.minivlm.build import PROJECTOR_FILE
+    """Identifies the trained weights (projector and LM deltas), so cached predictions of others are never reused."""
+    from model.minivlm.build import TRAINED_FILE
 
-    with open(PROJECTOR_FILE, "rb") as f:
+    with open(TRAINED_FILE, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 

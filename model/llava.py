@@ -1,8 +1,10 @@
 """LLaVA-layout models (``LlavaForConditionalGeneration``): a vision tower, a 2-layer MLP projector and a
 decoder LM (Llama / Qwen2 / Mistral layout). Serves MiniVLM and llava-hf checkpoints with a DINOv2 tower.
 
-The projector reads a hidden state of the vision tower itself (``vision_feature_layer``), not a norm's
-output, so the tower's LayerNorms keep the stream's mean (``keep_mean``) instead of baking it out.
+The projector reads hidden states of the vision tower itself (``vision_feature_layer``: one layer, or several
+concatenated), not a norm's output, so the tower's LayerNorms keep the stream's mean (``keep_mean``) instead of
+baking it out. Every hidden state is the residual stream, so a residual rotation turns each concatenated copy
+alike: the projector is a reader of ``len(vision_feature_layer)`` chunks.
 """
 from __future__ import annotations
 
@@ -93,12 +95,12 @@ class LlavaAdapter(ModelAdapter):
         tower = get(model, first_existing(model, TOWER))
         if type(tower).__name__ != "Dinov2Model":
             raise ValueError(f"LLaVA with a {type(tower).__name__} vision tower is not supported yet (DINOv2 towers are)")
-        if not isinstance(model.config.vision_feature_layer, int):
-            raise ValueError("LLaVA models that concatenate several vision feature layers are not supported yet")
 
     def stacks(self, model: nn.Module) -> list[StackSpec]:
         tower, proj, llm = (first_existing(model, p) for p in (TOWER, PROJECTOR, LLM))
-        return [dinov2_stack(model, tower, (Reader(f"{proj}.linear_1"),)),
+        layers = model.config.vision_feature_layer
+        chunks = 1 if isinstance(layers, int) else len(layers)
+        return [dinov2_stack(model, tower, (Reader(f"{proj}.linear_1", chunks),)),
                 decoder_stack(model, llm, (Writer(f"{proj}.linear_2"),))]
 
     def segments(self, model: nn.Module) -> list[Segment]:

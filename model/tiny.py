@@ -191,9 +191,9 @@ def llava_config(**overrides):
                 pad_token_id=0, max_position_embeddings=1024)
     vision.update(overrides.pop("vision", {}))
     text.update(overrides.pop("text", {}))
+    overrides.setdefault("vision_feature_layer", -1)
     return LlavaConfig(vision_config=Dinov2Config(**vision), text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
-                       vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                       **overrides)
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu", **overrides)
 
 
 def llava_model(seed: int = 0, perturb: bool = True, **overrides):

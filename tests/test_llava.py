@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from evaluation.builtin import builtin_rows
+from exam.common import build_parser, config_from_args
 from fake_quant import pipeline
 from fake_quant.config import QuantConfig
 from fake_quant.quant_utils import PatchConvLinear, QuantLinear
@@ -28,8 +29,19 @@ def llava():
     return ad, ad.load("tiny", DEVICE, torch.float32)
 
 
-def test_full_rotation_and_aifs_keep_logits(llava):
-    ad, base = llava
+def multi_layer_llava():
+    """The tiny LLaVA with a projector reading the embeddings, block 1 and the last block, concatenated."""
+    from model import tiny
+
+    ad = registry.get("llava")
+    model = tiny.llava_model(vision_feature_layer=[0, 1, -1])
+    assert model.model.multi_modal_projector.linear_1.in_features == 3 * 96
+    return ad, Loaded(model.to(DEVICE), tiny.TinyLlavaProcessor(), "tiny")
+
+
+@pytest.mark.parametrize("readout", ["last layer", "three layers"])
+def test_full_rotation_and_aifs_keep_logits(llava, readout):
+    ad, base = llava if readout == "last layer" else multi_layer_llava()
     bs = batches(ad, base)
     ref = logits(base.model, bs)
     rot = Loaded(copy.deepcopy(base.model), base.processor, "tiny")
@@ -61,6 +73,22 @@ def test_w4a8_pipeline_quantizes_every_part(tmp_path, llava):
     e_g = float((logits(gptq, bs) - ref).norm() / ref.norm())
     e_r = float((logits(rtn, bs) - ref).norm() / ref.norm())
     assert e_g < e_r
+
+
+def test_w8a8_pipeline_on_a_multi_layer_readout():
+    ad, base = multi_layer_llava()
+    bs = batches(ad, base, n=4, seed=21)
+    ref = logits(base.model, bs)
+    flags = ["--model_path", "tiny", "--rotate", "--rotate_visual_clip", "--rotate_llm", "--online_visual_hadamard",
+             "--online_llm_hadamard",
+             "--quant", "--quant_visual_clip", "--quant_cross_attention", "--quant_llm", "--visual_static",
+             "--llm_static", "--visual_w_bits", "8", "--llm_w_bits", "8", "--aifs"]
+    cfg = config_from_args(build_parser("llava").parse_args(flags))
+    q = Loaded(copy.deepcopy(base.model), base.processor, "tiny")
+    pipeline.run(cfg, ad, q, batches(ad, base, n=4, seed=5), batches(ad, base, n=4, seed=5))
+    assert isinstance(q.model.model.multi_modal_projector.linear_1, QuantLinear)
+    err = float((logits(q.model, bs) - ref).norm() / ref.norm())
+    assert err < 0.03
 
 
 def test_unsupported_vision_tower_is_refused():

@@ -1,12 +1,16 @@
 """Assemble MiniVLM: the converted DINOv2 ViT-S/14 tower, a 2-layer MLP projector and SmolLM2-135M-Instruct, in
 the LLaVA layout (``LlavaForConditionalGeneration``), with its processor.
 
-Images are 112 x 112 (8 x 8 = 64 patch tokens; the tower interpolates its position table), the projector reads
-the tower's last hidden state without the class token, and an ``<image>`` token is added to the tokenizer. Only
-the projector is trained (``model.minivlm.train``); the tower and the LM keep their converted weights.
+Images are 112 x 112 (8 x 8 = 64 patch tokens; the tower interpolates its position table). The projector reads
+one or several hidden states of the tower (``vision_feature_layer``, concatenated, class token dropped), and an
+``<image>`` token is added to the tokenizer. What ``model.minivlm.train`` learned lives in one safetensors file:
+the projector, and optionally low-rank deltas of the LM's linears that are merged into the converted weights
+here, so the model the pipeline sees is a plain ``LlavaForConditionalGeneration``. The file's metadata names the
+feature layers and the delta scale; the tower is never trained.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -24,7 +28,8 @@ CHAT_TEMPLATE = (
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-PROJECTOR_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "projector.safetensors")
+TRAINED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trained.safetensors")
+PROJECTOR_PREFIX, DELTA_PREFIX = "projector.", "lm_delta."
 
 
 def build_processor(lm_dir: str):
@@ -39,10 +44,48 @@ def build_processor(lm_dir: str):
                           num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
 
 
-def build(cache: str | None = None, projector: str | None = PROJECTOR_FILE, seed: int = 0):
-    """(model, processor). ``projector``: a trained projector's safetensors (None: freshly initialized, seeded)."""
+def read_trained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a trained file; the metadata's ``vision_feature_layer`` is an int or a list."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: train MiniVLM with `python -m model.minivlm.train`")
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if "vision_feature_layer" not in meta:
+        raise ValueError(f"{path} has no 'vision_feature_layer' in its metadata: it is not a file written by "
+                         "`python -m model.minivlm.train`")
+    meta["vision_feature_layer"] = json.loads(meta["vision_feature_layer"])
+    meta["delta_scale"] = float(meta.get("delta_scale", 0.0))
+    return tensors, meta
+
+
+@torch.no_grad()
+def merge_lm_deltas(lm: torch.nn.Module, tensors: dict[str, torch.Tensor], scale: float) -> int:
+    """W += scale * B @ A for every ``lm_delta.<module>.A`` / ``.B`` pair (module paths relative to the decoder);
+    returns how many linears changed. A path that names no linear of ``lm`` is an error."""
+    names = sorted({k[len(DELTA_PREFIX):].rsplit(".", 1)[0] for k in tensors if k.startswith(DELTA_PREFIX)})
+    for name in names:
+        try:
+            lin = lm.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"trained file: LM delta for {name!r}, which is not a module of the language model") from None
+        a, b = tensors[f"{DELTA_PREFIX}{name}.A"].double(), tensors[f"{DELTA_PREFIX}{name}.B"].double()
+        if (b.shape[0], a.shape[1]) != tuple(lin.weight.shape):
+            raise ValueError(f"trained file: LM delta for {name} is {b.shape[0]}x{a.shape[1]}, the weight is "
+                             f"{tuple(lin.weight.shape)}")
+        lin.weight.copy_((lin.weight.double() + scale * (b @ a)).to(lin.weight.dtype))
+    return len(names)
+
+
+def build(cache: str | None = None, trained: str | None = TRAINED_FILE, seed: int = 0,
+          feature_layers: int | list[int] = -1):
+    """(model, processor). ``trained``: the file ``model.minivlm.train`` wrote (its feature layers win over
+    ``feature_layers``); None: a freshly initialized, seeded projector reading ``feature_layers``."""
     from transformers import AutoModelForCausalLM, Dinov2Model, LlavaConfig, LlavaForConditionalGeneration
 
+    tensors, meta = read_trained(trained) if trained is not None else ({}, {"vision_feature_layer": feature_layers})
     paths = convert_all(cache or default_cache())
     processor = build_processor(paths["lm"])
     vit = Dinov2Model.from_pretrained(paths["vit"])
@@ -54,8 +97,8 @@ def build(cache: str | None = None, projector: str | None = PROJECTOR_FILE, seed
         emb = lm.get_input_embeddings().weight
         emb[old_rows:] = emb[:old_rows].mean(0)
     cfg = LlavaConfig(vision_config=vit.config, text_config=lm.config, image_token_id=image_token_id,
-                      vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                      tie_word_embeddings=lm.config.tie_word_embeddings)
+                      vision_feature_layer=meta["vision_feature_layer"], vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=lm.config.tie_word_embeddings)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     model.model.vision_tower.load_state_dict(vit.state_dict())
@@ -63,10 +106,8 @@ def build(cache: str | None = None, projector: str | None = PROJECTOR_FILE, seed
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     if lm.config.tie_word_embeddings:
         model.tie_weights()
-    if projector is not None:
-        if not os.path.isfile(projector):
-            raise FileNotFoundError(f"{projector} not found: train the projector with `python -m model.minivlm.train`")
-        from safetensors.torch import load_file
-
-        model.model.multi_modal_projector.load_state_dict(load_file(projector))
+    if trained is not None:
+        proj = {k[len(PROJECTOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(PROJECTOR_PREFIX)}
+        model.model.multi_modal_projector.load_state_dict(proj)
+        merge_lm_deltas(model.model.language_model, tensors, meta["delta_scale"])
     return model.float().eval(), processor
