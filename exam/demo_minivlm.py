@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"machine": machine, "eval_rows": {s: len(r) for s, r in evals.items()}, "kl_rows": args.kl_rows,
                "calibration": {"seed": args.calib_seed, "rows": calibration_keys(calib_rows)},
                "settings": {}}
-    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector) on SynthBench "
+    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector and LM deltas) on SynthBench "
           f"({', '.join(f'{len(r)} rows' for r in evals.values())}), CPU fp32; calibration: {len(calib_rows)} rows "
           f"of the SynthBench calibration files (--calib_seed {args.calib_seed}). Machine: {machine['isa']}; {machine['threads']} threads; "
           f"torch {machine['torch']}.\n"
