@@ -34,6 +34,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
 EVAL_SEED, CALIB_SEED = 1000, 2000  # training data for the projector uses yet other seeds
 SUBSETS = ("SynthBench_OCR", "SynthBench_VQA", "SynthBench_YN")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthbench_data")  # the shipped files
 YN_SUFFIX = " Please answer yes or no."
 
 
@@ -208,7 +209,7 @@ def write_tsv(path: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "synthbench_data"))
+    ap.add_argument("--out", default=DATA_DIR)
     ap.add_argument("--n_eval", type=int, default=120)
     ap.add_argument("--n_calib", type=int, default=64)
     args = ap.parse_args(argv)

@@ -42,7 +42,7 @@ from fake_quant import pipeline  # noqa: E402
 from model.base import Sample  # noqa: E402
 from model.registry import get  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "evaluation", "synthbench_data")
+DATA = synthbench.DATA_DIR
 ROT = "--rotate --rotate_visual_clip --rotate_llm --online_visual_hadamard --online_llm_hadamard".split()
 QUANT = "--quant --quant_visual_clip --quant_cross_attention --quant_llm --act_order --visual_w_clip --llm_w_clip".split()
 SETTINGS = [

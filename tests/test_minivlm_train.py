@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.minivlm.build import DELTA_PREFIX, merge_lm_deltas, read_trained
-from model.minivlm.train import DELTA_TARGETS, _first_answer, add_deltas
+from model.minivlm.train import DELTA_TARGETS, add_deltas, calibration_samples
 
 
 def tiny_decoder(seed=0):
@@ -62,7 +62,14 @@ def test_trained_file_metadata(tmp_path):
     assert meta["vision_feature_layer"] == [4, 8, 12] and meta["delta_scale"] == 2.0
 
 
-def test_calibration_answers_are_the_canonical_reference():
-    assert _first_answer("['2', '2', 'two']") == "2"
-    assert _first_answer("['A7']") == "A7"
-    assert _first_answer("Yes") == "Yes"
+def test_calibration_samples_are_prompted_and_answered_as_the_benchmark():
+    from evaluation.eval import VQA_SUFFIX
+
+    s = calibration_samples()
+    assert {k: len(v) for k, v in s.items()} == {"SynthBench_OCR": 64, "SynthBench_VQA": 64, "SynthBench_YN": 64}
+    # reading and VQA ask for one word; VQA's counts are answered with the digit, the first of the references
+    assert all(r["question"].endswith(VQA_SUFFIX) for r in s["SynthBench_OCR"] + s["SynthBench_VQA"])
+    counts = [r["answer"] for r in s["SynthBench_VQA"] if r["question"].startswith("How many")]
+    assert counts and set(counts) <= {"1", "2", "3", "4"}
+    assert {r["answer"] for r in s["SynthBench_YN"]} == {"Yes", "No"}
+    assert all(r["image"].size == (112, 112) for v in s.values() for r in v)

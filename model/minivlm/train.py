@@ -15,7 +15,6 @@ Writes ``model/minivlm/trained.safetensors`` and ``model/minivlm/train_log.json`
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import math
@@ -28,6 +27,7 @@ from torch import nn
 
 from evaluation import datasets, synthbench
 from evaluation.eval import VQA_SUFFIX, dataset_prompt
+from evaluation.scorers import parse_answers
 
 from .build import DELTA_PREFIX, PROJECTOR_PREFIX, TRAINED_FILE, build, read_trained
 from .convert import default_cache
@@ -36,8 +36,6 @@ TRAIN_SEED_BASE = 100_000  # far from synthbench.EVAL_SEED / CALIB_SEED
 LOG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_log.json")
 DELTA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-CALIB_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "evaluation", "synthbench_data")
 
 
 def training_samples(n: int, seed: int, mix: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[dict]:
@@ -62,15 +60,10 @@ def calibration_samples() -> dict[str, list[dict]]:
     """The SynthBench calibration files' rows, prompted as the evaluation prompts them, per subset."""
     out = {}
     for s in synthbench.SUBSETS:
-        rows = datasets.load_rows(CALIB_DATA, f"{s}_calib")
-        out[s] = [{"image": datasets.image_of(r, CALIB_DATA), "question": dataset_prompt(s, r),
-                   "answer": _first_answer(str(r["answer"]))} for r in rows]
+        rows = datasets.load_rows(synthbench.DATA_DIR, f"{s}_calib")
+        out[s] = [{"image": datasets.image_of(r, synthbench.DATA_DIR), "question": dataset_prompt(s, r),
+                   "answer": parse_answers(r["answer"])[0]} for r in rows]
     return out
-
-
-def _first_answer(cell: str) -> str:
-    """A TSV answer cell is one answer or a Python list of reference answers (the first is the canonical one)."""
-    return str(ast.literal_eval(cell)[0]) if cell.startswith("[") else cell
 
 
 def encode(processor, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
