@@ -55,7 +55,9 @@ def _read_done(path: str, digest: str) -> dict[str, str]:
 
 @torch.no_grad()
 def evaluate(adapter, loaded, dataset_name: str, rows: list[dict], output_dir: str, device: str,
-             max_new_tokens: int, run_meta: dict, data_root: str | None = None) -> dict:
+             max_new_tokens: int, run_meta: dict, data_root: str | None = None, answer=None) -> dict:
+    """Answer ``rows`` greedily (resuming from ``output_dir``) and score them. ``answer(inputs, row)``, when given,
+    replaces ``generate``: it returns the new token ids of one row (a list or a ``[1, n]`` tensor)."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{dataset_name}_predictions.jsonl")
     digest = run_hash(run_meta)
@@ -74,9 +76,14 @@ def evaluate(adapter, loaded, dataset_name: str, rows: list[dict], output_dir: s
             sample = Sample([image_of(row, data_root)], adapter.prompt(dataset_name, row), index=row["index"],
                             meta={"dataset": dataset_name})
             inputs = adapter.build_inputs(loaded, sample, device)
-            out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        **adapter.decoding(loaded))
-            pred = adapter.decode(loaded, out[:, inputs["input_ids"].shape[1]:]).strip()
+            if answer is None:
+                out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                            **adapter.decoding(loaded))
+                new = out[:, inputs["input_ids"].shape[1]:]
+            else:
+                new = answer(inputs, row)
+                new = new if torch.is_tensor(new) else torch.tensor([new], dtype=torch.long)
+            pred = adapter.decode(loaded, new).strip()
             done[key] = pred
             f.write(json.dumps({"index": row["index"], "prediction": pred}) + "\n")
             f.flush()

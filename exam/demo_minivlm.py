@@ -21,6 +21,8 @@ quantized setting's cached answers are kept per seed.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -34,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from evaluation import datasets, synthbench  # noqa: E402
-from evaluation.eval import evaluate  # noqa: E402
-from evaluation.kl import mean_kl, teacher_forced_inputs, text_logprobs  # noqa: E402
+from evaluation.eval import evaluate, run_hash  # noqa: E402
+from evaluation.kl import (after_visual, forced_greedy, mean_kl, positions_after_visual, teacher_forced_inputs,  # noqa: E402
+                           text_logprobs, with_reference)
 from evaluation.uncertainty import Uncertainty, bootstrap_table  # noqa: E402
 from exam.common import build_parser, config_from_args  # noqa: E402
 from fake_quant import pipeline  # noqa: E402
@@ -70,9 +73,14 @@ def evaluation_rows(eval_num: int | None) -> dict[str, list[dict]]:
     return {s: datasets.load_rows(DATA, s)[:eval_num] for s in synthbench.SUBSETS}
 
 
-def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int):
-    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32), and its config (None for FP32)."""
-    loaded = adapter.load("minivlm", "cpu", torch.float32)
+def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int,
+                      base=None):
+    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32), and its config (None for FP32).
+    ``base``: an FP32 MiniVLM to copy instead of building one (it is left as it is)."""
+    if base is None:
+        loaded = adapter.load("minivlm", "cpu", torch.float32)
+    else:
+        loaded = dataclasses.replace(base, model=copy.deepcopy(base.model), generation=dict(base.generation))
     cfg = None
     if flags:
         cfg = config_from_args(build_parser("llava").parse_args(
@@ -129,11 +137,47 @@ def projector_digest() -> str:
 
 
 def answer_synthbench(adapter, loaded, evals: dict[str, list[dict]], out_dir: str, meta: dict,
-                      max_new_tokens: int) -> dict[str, list[str]]:
-    """Greedy answers per subset (cached in ``out_dir``: a rerun of the same setting resumes)."""
-    meta = {**meta, "projector": projector_digest()}
-    return {subset: evaluate(adapter, loaded, subset, rows, out_dir, "cpu", max_new_tokens, meta)["predictions"]
-            for subset, rows in evals.items()}
+                      max_new_tokens: int, kl_rows: int = 0) -> tuple[dict[str, list[str]], list[torch.Tensor]]:
+    """Greedy answers per subset (cached in ``<out_dir>_<hash of the run>``: a rerun of the same setting on the same
+    model resumes; another model or decoding starts a folder of its own) and the teacher-forced
+    log-probabilities of the first ``kl_rows`` rows of each subset (see :mod:`evaluation.kl`).
+
+    Each row is answered by :func:`evaluation.kl.forced_greedy`: one forward over the prompt and the reference
+    answer gives the KL's log-probabilities and, wherever the model agrees with the reference, its greedy answer,
+    so the KL costs nothing beyond the answers and a right answer costs one forward. Rows whose answer was cached
+    by an earlier run get their log-probabilities from a forward of their own."""
+    meta = {**meta, "projector": projector_digest(), "decoding": "greedy, read off a teacher-forced forward"}
+    out_dir = f"{out_dir}_{run_hash(meta)[:8]}"
+    gen_cfg = loaded.model.generation_config
+    eos = gen_cfg.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if adapter.decoding(loaded) or not eos:
+        raise ValueError("the demo decodes greedily until the end-of-sequence token: this model's evaluation "
+                         f"decoding {adapter.decoding(loaded)} / eos {gen_cfg.eos_token_id} is not that")
+    lps: dict[tuple[str, int], torch.Tensor] = {}
+    preds = {}
+    for subset, rows in evals.items():
+        kl_index = {str(r["index"]) for r in rows[:kl_rows]}
+
+        def answer(inputs: dict, row: dict) -> list[int]:
+            forced = with_reference(loaded, inputs, row)
+            kl = str(row["index"]) in kl_index
+            keep = positions_after_visual(adapter, loaded, forced) if kl else 0
+            new, logits = forced_greedy(loaded.model, forced, inputs["input_ids"].shape[1], max_new_tokens, eos, keep)
+            if kl:
+                lps[subset, str(row["index"])] = after_visual(adapter, loaded, forced, logits)
+            return new
+
+        preds[subset] = evaluate(adapter, loaded, subset, rows, out_dir, "cpu", max_new_tokens, meta,
+                                 answer=answer)["predictions"]
+    ordered = []
+    for subset, rows in evals.items():
+        for r in rows[:kl_rows]:
+            key = subset, str(r["index"])
+            if key not in lps:  # answered by an earlier run
+                lps[key] = text_logprobs(adapter, loaded, teacher_forced_inputs(adapter, loaded, {subset: [r]}, 1))[0]
+            ordered.append(lps[key])
+    return preds, ordered
 
 
 def machine_info() -> dict:
@@ -237,21 +281,21 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
     adapter = get("llava")
     print(header(synthbench.SUBSETS))
     ref_lp = ref_preds = ref_prefill = None
+    base = adapter.load("minivlm", "cpu", torch.float32)  # every setting starts from a copy of it
     prefill_rows = getattr(args, "prefill_rows", 0)
     for name, flags in settings:
         if ref_lp is not None and selected is not None and not selected(name):
             continue
         t0 = time.perf_counter()
-        loaded, cfg = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num)
-        lp = text_logprobs(adapter, loaded, teacher_forced_inputs(adapter, loaded, evals, args.kl_rows))
+        loaded, cfg = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num, base)
         meta = {"setting": name, "flags": flags, "eval_num": args.eval_num}
         if flags:  # cached answers of a quantized setting belong to its calibration rows
             meta["calibration"] = {"nsamples": args.nsamples, "calib_num": args.calib_num,
                                    "rows": calibration_keys(calib_rows)}
         seed = getattr(args, "calib_seed", 0)
         folder = slug(name) + (f"_calib_seed{seed}" if flags and seed else "")  # FP32's answers serve every seed
-        preds = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, folder), meta,
-                                  args.max_new_tokens)
+        preds, lp = answer_synthbench(adapter, loaded, evals, os.path.join(args.output_dir, folder), meta,
+                                      args.max_new_tokens, args.kl_rows)
         reference = ref_lp is None
         if reference:
             ref_lp, ref_preds = lp, preds
