@@ -7,7 +7,8 @@ evaluation subsets; calibration uses the SynthBench calibration files (another s
 shown with 95% bootstrap intervals: of each score, and of its paired difference from FP32 (the same resampled
 rows for both), with the share of answers it gives exactly as FP32 does.
 
-Prints a Markdown table and writes ``outputs/demo/summary.json``: ``{"machine": {...}, "calibration": {"seed", "rows"},
+Prints a Markdown table and writes ``outputs/demo/summary.json`` (``summary_calib_seed<S>.json`` for another
+calibration seed): ``{"machine": {...}, "calibration": {"seed", "rows"},
 "settings": {setting: {"kl": ..., "seconds": ..., "prefill_seconds": ..., "prefill_int8": backend, "scores":
 {subset or "mean": {"score", "low", "high", "agreement", "diff", "diff_low", "diff_high"}}}}}``.
 
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"marked ~ where its interval contains 0 (not distinguishable from FP32 on these rows). Prefill: "
           f"{args.prefill_rows} prompt(s) per subset, the whole prefill (vision tower included), FP32 against the "
           f"setting run on the int8 kernels (--real_quant, non-GEMM parts in fp32), median of 3.\n")
-    return run_table(SETTINGS, evals, calib_rows, args, summary, "summary.json",
+    name = "summary.json" if args.calib_seed == 0 else f"summary_calib_seed{args.calib_seed}.json"
+    return run_table(SETTINGS, evals, calib_rows, args, summary, name,
                      (lambda n: args.only in n) if args.only else None)
 
 

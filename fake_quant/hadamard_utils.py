@@ -532,16 +532,33 @@ def _factor_matrices(plan: HadamardPlan, dtype: torch.dtype, device: torch.devic
     return plan.cache[key]
 
 
+ROW_BLOCK_ELEMENTS = 1 << 19  # rows transformed together: a block of about 2 MB (fp32) stays in cache
+
+
 def _kronecker_transform(x2d: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
-    """``x2d @ (A (x) B (x) ...).T`` as one small GEMM per factor: apply the factor of the last
-    axis, then rotate that axis to the front; after all factors the axis order is the original."""
+    """``x2d @ (A (x) B (x) ...).T`` as one small GEMM per factor, a block of rows at a time.
+
+    A row seen as a tensor of shape ``(a, b, ...)`` is multiplied by each factor along its own axis: the last
+    factor as a plain GEMM on the trailing axis, every other one as a batched ``factor @ view(lead, f, tail)``,
+    so no axis is ever moved (no transposed copies). Blocks of rows keep the intermediate results in cache."""
     rows, n = x2d.shape
-    y = x2d
-    for m in reversed(mats):
-        f = m.shape[0]
-        y = y.reshape(-1, f) @ m.t()
-        y = y.reshape(rows, -1, f).transpose(1, 2).contiguous()
-    return y.reshape(rows, n)
+    sizes = [m.shape[0] for m in mats]
+    step = max(1, ROW_BLOCK_ELEMENTS // n)
+
+    def block(xs: torch.Tensor) -> torch.Tensor:
+        r = xs.shape[0]
+        y = xs.reshape(-1, sizes[-1]) @ mats[-1].t()
+        for j in range(len(mats) - 2, -1, -1):
+            lead, tail = r * math.prod(sizes[:j]), math.prod(sizes[j + 1:])
+            y = torch.matmul(mats[j], y.reshape(lead, sizes[j], tail))
+        return y.reshape(r, n)
+
+    if rows <= step:
+        return block(x2d)
+    out = torch.empty((rows, n), dtype=torch.result_type(x2d, mats[0]), device=x2d.device)
+    for i in range(0, rows, step):
+        out[i:i + step] = block(x2d[i:i + step])
+    return out
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

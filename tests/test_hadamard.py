@@ -61,6 +61,18 @@ def test_fast_transform_matches_dense_product(n, lead):
         assert torch.allclose(y.double()[..., cols], dense, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [64, 96, 8960, 20480])  # factors: 64; 12, 8; 140, 64; 20, 32, 32
+def test_rows_in_blocks_match_one_block(monkeypatch, n):
+    x = torch.randn(7, n, dtype=torch.float64)
+    whole = hu.hadamard_transform(x)
+    monkeypatch.setattr(hu, "ROW_BLOCK_ELEMENTS", 3 * n)  # blocks of 3, 3 and 1 rows
+    blocks = hu.hadamard_transform(x)
+    assert torch.allclose(blocks, whole, atol=1e-12, rtol=0)
+    k, p = hu.hadamard_factor(n)
+    rows = torch.stack([torch.from_numpy(np.kron(hu._build(k)[c // p], hu._sylvester(p)[c % p])) for c in (0, n - 1)])
+    assert torch.allclose(blocks[:, [0, n - 1]], x @ rows.double().t() / math.sqrt(n), atol=1e-12, rtol=0)
+
+
 def test_transform_preserves_norm_and_inverts():
     x = torch.randn(5, 1152, dtype=torch.float64)
     y = hu.hadamard_transform(x)
