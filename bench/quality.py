@@ -292,7 +292,7 @@ def part_vlm(args) -> None:
     evals = evaluation_rows(args.eval_num)
     calib = calibration_rows(32, 64)
     machine = machine_info()
-    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector), fp32 CPU; SynthBench scores in percent on "
+    print(f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, trained projector and LM deltas), fp32 CPU; SynthBench scores in percent on "
           f"{', '.join(f'{len(r)}' for r in evals.values())} rows per subset with 95% bootstrap intervals; "
           f"KL(FP32 || setting) in nats per text token on {args.kl_rows} rows per subset (teacher-forced reference "
           f"answers); calibration: {len(calib)} rows of the SynthBench calibration files (32 for GPTQ, 64 for "
