@@ -74,14 +74,10 @@ def evaluation_rows(eval_num: int | None) -> dict[str, list[dict]]:
     return {s: datasets.load_rows(DATA, s)[:eval_num] for s in synthbench.SUBSETS}
 
 
-def quantized_minivlm(adapter, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int,
-                      base=None):
-    """A fresh MiniVLM, quantized with the exam flags ``flags`` (none: FP32), and its config (None for FP32).
-    ``base``: an FP32 MiniVLM to copy instead of building one (it is left as it is)."""
-    if base is None:
-        loaded = adapter.load("minivlm", "cpu", torch.float32)
-    else:
-        loaded = dataclasses.replace(base, model=copy.deepcopy(base.model), generation=dict(base.generation))
+def quantized_minivlm(adapter, base, flags: list[str], calib_rows: list[dict], nsamples: int, calib_num: int):
+    """A copy of the FP32 MiniVLM ``base`` (left as it is), quantized with the exam flags ``flags`` (none: FP32),
+    and its config (None for FP32)."""
+    loaded = dataclasses.replace(base, model=copy.deepcopy(base.model), generation=dict(base.generation))
     cfg = None
     if flags:
         cfg = config_from_args(build_parser("llava").parse_args(
@@ -289,7 +285,7 @@ def run_table(settings, evals: dict[str, list[dict]], calib_rows: list[dict], ar
         if ref_lp is not None and selected is not None and not selected(name):
             continue
         t0 = time.perf_counter()
-        loaded, cfg = quantized_minivlm(adapter, flags, calib_rows, args.nsamples, args.calib_num, base)
+        loaded, cfg = quantized_minivlm(adapter, base, flags, calib_rows, args.nsamples, args.calib_num)
         meta = {"setting": name, "flags": flags, "eval_num": args.eval_num}
         if flags:  # cached answers of a quantized setting belong to its calibration rows
             meta["calibration"] = {"nsamples": args.nsamples, "calib_num": args.calib_num,
