@@ -114,6 +114,9 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                         "convention) instead of the default absmax / (qmax + 1/2), which also uses the -8 level")
     g.add_argument("--a_asym", action="store_true")
     g.add_argument("--a_clip_ratio", type=float, default=1.0)
+    g.add_argument("--a_format", default="int", choices=["int", "e4m3"],
+                   help="activation grid: integers (the paper), or FP8 e4m3 (8 bits, symmetric; what Hopper's FP8 "
+                        "tensor cores take, see docs/realquant.md)")
     g.add_argument("--act_per_tensor", action="store_true", help="dynamic per-tensor instead of per-token activations")
     g.add_argument("--visual_static", action="store_true", help="static per-tensor activation scales in the vision part")
     g.add_argument("--llm_static", action="store_true", help="static per-tensor activation scales in the LLM")
@@ -142,13 +145,18 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                    help="attention-invariant flexible switching: visual tokens first at prefill, same outputs")
     g.add_argument("--skip_names", nargs="+", default=[], help="leave linears whose name contains any of these in FP")
 
-    g = p.add_argument_group("real int8 execution (CPU)")
+    g = p.add_argument_group("real int8 / FP8 execution")
     g.add_argument("--real_quant", action="store_true",
-                   help="after calibration, run the quantized linears on int8 kernels (oneDNN / fbgemm) instead of "
-                        "fake quantization: 8-bit activations (static per tensor, MSQ / sink sets, or dynamic per "
+                   help="after calibration, run the quantized linears on integer or FP8 kernels instead of fake "
+                        "quantization: 8-bit activations (static per tensor, MSQ / sink sets, or dynamic per "
                         "token), per-channel weights of at most 8 bits; docs/realquant.md")
-    g.add_argument("--real_quant_backend", default="auto", choices=["auto", "onednn", "fbgemm"],
-                   help="int8 kernels for --real_quant (auto: oneDNN on a CPU with VNNI or AMX, fbgemm otherwise)")
+    g.add_argument("--real_quant_backend", default="auto", choices=["auto", "onednn", "fbgemm", "int_mm", "fp8"],
+                   help="kernels for --real_quant. auto: fp8 (torch._scaled_mm) for --a_format e4m3; otherwise "
+                        "int_mm (torch._int_mm) on a GPU, oneDNN on a CPU with VNNI or AMX, fbgemm on other CPUs")
+    g.add_argument("--real_quant_layout", default="auto", choices=["auto", "slices", "gather", "rows"],
+                   help="how a layer with several static scale sets (MSQ, --sink_scale) runs its rows. auto: one "
+                        "call with a scale per row on int_mm / fp8; on oneDNN / fbgemm contiguous slices with "
+                        "--aifs, gather and scatter without")
     g.add_argument("--real_quant_fuse", action="store_true",
                    help="with --real_quant: compile each activation quantization into one loop (torch.compile; "
                         "needs a C++ compiler, compiles once per run)")
@@ -179,7 +187,7 @@ def config_from_args(args: argparse.Namespace) -> QuantConfig:
             weight=WeightConfig(bits=w_bits, symmetric=not args.w_asym, group_size=args.w_groupsize, clip=w_clip, rtn=w_rtn,
                                 full_range=not args.w_qmax_scale),
             act=ActConfig(bits=a_bits, symmetric=not args.a_asym, static=static, per_tensor=args.act_per_tensor,
-                          group_size=args.a_groupsize, clip_ratio=args.a_clip_ratio),
+                          group_size=args.a_groupsize, clip_ratio=args.a_clip_ratio, format=args.a_format),
         )
 
     return QuantConfig(
@@ -227,8 +235,8 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
         errs.append(f"--nsamples/--calib_num ask for {needed} calibration rows but the built-in set has {BUILTIN_ROWS}")
     if args.real_quant:
         errs += _real_quant_errors(args, cfg)
-    elif args.real_quant_fuse or args.real_quant_backend != "auto":
-        errs.append("--real_quant_backend / --real_quant_fuse need --real_quant")
+    elif args.real_quant_fuse or args.real_quant_backend != "auto" or args.real_quant_layout != "auto":
+        errs.append("--real_quant_backend / --real_quant_layout / --real_quant_fuse need --real_quant")
     if args.holdout_num is not None and args.dataset_name is None:
         errs.append("--holdout_num needs --dataset_name")
     elif args.holdout_num is not None and args.holdout_num < needed:
@@ -238,19 +246,25 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
 
 
 def _real_quant_errors(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
-    """--real_quant: settings no kernel serves, a GPU device, or a torch build without the kernels."""
+    """--real_quant: settings no kernel serves, a device or torch build without the kernels."""
     from fake_quant import realize
 
-    errs = realize.config_errors(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not device.startswith("cpu"):
-        errs.append(f"--real_quant runs on the CPU int8 kernels; pass --device cpu (got {device})")
-    if args.offload:
-        errs.append("--real_quant cannot be combined with --offload (it runs the whole model on the CPU)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return [f"--real_quant --device {device}: CUDA is not available on this machine; the CPU kernels run with "
+                "--device cpu"]
+    backend = None
     try:
-        realize.choose_backend(args.real_quant_backend)
-    except realize.KernelUnavailable as e:
-        errs.append(f"--real_quant: {e}")
+        backend = realize.choose_backend(args.real_quant_backend, device, realize.act_format(cfg))
+    except (realize.KernelUnavailable, ValueError) as e:
+        errs = [f"--real_quant: {e}"]
+    else:
+        errs = []
+    errs = realize.config_errors(cfg, backend) + errs
+    if args.offload:
+        errs.append("--real_quant cannot be combined with --offload (the kernels hold the weights on one device)")
+    if backend is not None and args.real_quant_layout == "rows" and backend not in realize.SCALED_MM_KERNELS:
+        errs.append(f"--real_quant_layout rows needs a kernel with a row-scale epilogue (int_mm, fp8), not {backend}")
     if args.real_quant_fuse and not realize.cpp_compiler():
         errs.append("--real_quant_fuse compiles the quantization with torch.compile, which needs a C++ compiler "
                     "(g++ or clang++ on PATH, or $CXX); install one or drop --real_quant_fuse")
@@ -413,7 +427,8 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
 
     realized = None
     if args.real_quant:  # the dump above keeps the fake-quant tensors; the int8 layers live only in this run
-        realized = pipeline.realize(cfg, loaded, args.real_quant_backend, args.real_quant_fuse, report).to_dict()
+        realized = pipeline.realize(cfg, loaded, args.real_quant_backend, args.real_quant_fuse, report,
+                                    layout=args.real_quant_layout).to_dict()
 
     evaluation = demo = None
     if args.dataset_name is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .bit_type import MAX_BITS, MIN_BITS
+from .bit_type import FORMATS, MAX_BITS, MIN_BITS
 from .observer import available_observers
 
 FP_BITS = 16  # 16 bits means "leave in floating point", as in the paper's scripts
@@ -38,6 +38,7 @@ class ActConfig:
     group_size: int = -1        # --a_groupsize (dynamic only)
     clip_ratio: float = 1.0     # --a_clip_ratio
     observer: str = "minmax"    # observer for static calibration
+    format: str = "int"         # --a_format: "int" grid, or "e4m3" (FP8, for the FP8 tensor-core kernels)
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +62,7 @@ class PartConfig:
         shared = {
             "w_groupsize": "--w_groupsize", "a_groupsize": "--a_groupsize", "w_asym": "--w_asym",
             "a_asym": "--a_asym", "a_clip_ratio": "--a_clip_ratio", "act_per_tensor": "--act_per_tensor",
+            "a_format": "--a_format",
         }
         return own.get(what) or shared[what]
 
@@ -191,6 +193,15 @@ def _part_errors(p: PartConfig, cfg: QuantConfig) -> list[str]:
         errs.append(f"{p.flag('a_groupsize')} must be -1 (none) or positive, got {a.group_size}")
     if not 0.0 < a.clip_ratio <= 1.0:
         errs.append(f"{p.flag('a_clip_ratio')} must be in (0, 1], got {a.clip_ratio}")
+    if a.format not in FORMATS:
+        errs.append(f"{p.flag('a_format')} must be one of {FORMATS}, got {a.format!r}")
+    elif a.format == "e4m3" and a.enabled:
+        if a.bits != 8:
+            errs.append(f"{p.flag('a_format')} e4m3 is an 8-bit format: set {p.flag('a_bits')} 8 (got {a.bits})")
+        if not a.symmetric:
+            errs.append(f"{p.flag('a_format')} e4m3 is symmetric: drop {p.flag('a_asym')}")
+        if a.group_size > 0:
+            errs.append(f"{p.flag('a_format')} e4m3 runs per tensor or per token: drop {p.flag('a_groupsize')}")
     if a.observer not in available_observers():
         errs.append(f"unknown activation observer {a.observer!r} for {p.name}; use one of {available_observers()}")
     if a.static and a.group_size > 0:

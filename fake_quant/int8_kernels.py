@@ -93,13 +93,15 @@ def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: i
 
 
 _COMPILED: dict[str, Callable] = {}
+# every activation quantizer a kernel may ask for by name (fake_quant.scaled_mm adds its own)
+quantizer_registry: dict[str, Callable] = {"u8": quantize_u8, "rows_u8": quantize_rows_u8,
+                                           "rows_float": quantize_rows_float, "float_grid": quantize_float_grid}
 
 
 def quantizer(name: str, fuse: bool) -> Callable:
     """The eager function, or its ``torch.compile`` version (one fused loop over the input; compiled once,
     with dynamic shapes, and shared by every layer since scales are passed as tensors)."""
-    fn = {"u8": quantize_u8, "rows_u8": quantize_rows_u8, "rows_float": quantize_rows_float,
-          "float_grid": quantize_float_grid}[name]
+    fn = quantizer_registry[name]
     if not fuse:
         return fn
     if name not in _COMPILED:

@@ -115,7 +115,7 @@ def _act_quantizer(part: PartConfig, context: RowGroupContext | None, row_groups
         gran, gs = ("tensor" if a.per_tensor else "token"), None
     return ActQuantizer(a.bits, a.symmetric, gran, group_size=gs, static=a.static, observer=a.observer,
                         clip_ratio=a.clip_ratio, context=context, num_row_groups=row_groups if a.static else 1,
-                        default_row_group=TEXT)
+                        default_row_group=TEXT, fmt=a.format)
 
 
 def _weight_quantizer(part: PartConfig, in_features: int | None = None) -> WeightQuantizer | None:
@@ -458,12 +458,18 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
 
 
 def realize(cfg: QuantConfig, loaded, backend: str = "auto", fuse: bool = False,
-            report: PipelineReport | None = None):
-    """Run the calibrated model's quantized linears on int8 kernels (:mod:`fake_quant.realize`). With AIFS
-    the rows of each MSQ scale set are contiguous slices; without it they are gathered and scattered."""
-    from .realize import RealizeOptions, realize as realize_model
+            report: PipelineReport | None = None, layout: str = "auto"):
+    """Run the calibrated model's quantized linears on integer or FP8 kernels (:mod:`fake_quant.realize`).
+    ``layout="auto"``: kernels with a row-scale epilogue (int_mm, fp8) run every row in one call with its own
+    scale; the CPU kernels run the rows of each MSQ scale set as contiguous slices with AIFS and gather them
+    without."""
+    from .realize import SCALED_MM_KERNELS, RealizeOptions, act_format, choose_backend, realize as realize_model
 
-    opts = RealizeOptions(backend=backend, fuse=fuse, layout="slices" if cfg.aifs else "gather")
+    device = next(loaded.model.parameters()).device
+    backend = choose_backend(backend, device, act_format(cfg))
+    if layout == "auto":
+        layout = "rows" if backend in SCALED_MM_KERNELS else ("slices" if cfg.aifs else "gather")
+    opts = RealizeOptions(backend=backend, fuse=fuse, layout=layout)
     with Stage(report or PipelineReport(), "realize"):
         return realize_model(loaded.model, opts)
 

@@ -109,7 +109,8 @@ def qparams_from_range(
         if not bit_type.signed:
             raise ValueError("symmetric quantization needs a signed bit type")
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = (amax / (bit_type.qmax + (0.5 if full_range else 0.0))).clamp_min(MIN_SCALE)
+        half = 0.5 if full_range and not bit_type.is_float else 0.0  # FP8 has no integer step to split
+        scale = (amax / (bit_type.qmax + half)).clamp_min(MIN_SCALE)
         zero = torch.zeros_like(scale)
     else:
         if bit_type.signed:
@@ -122,7 +123,10 @@ def qparams_from_range(
 
 
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit_type: BitType) -> torch.Tensor:
-    """Integer codes (as float) of ``x``: ``clamp(round(x / scale) + zero, qmin, qmax)``."""
+    """Codes (as float) of ``x``: ``clamp(round(x / scale) + zero, qmin, qmax)``. On the e4m3 grid the rounding
+    is to the nearest FP8 number (ties to even), after clamping to +-448."""
+    if bit_type.is_float:
+        return torch.clamp(x / scale + zero, bit_type.qmin, bit_type.qmax).to(torch.float8_e4m3fn).float()
     return torch.clamp(torch.round(x / scale) + zero, bit_type.qmin, bit_type.qmax)
 
 

@@ -10,8 +10,13 @@ replaces each such :class:`~fake_quant.quant_utils.QuantLinear` by a :class:`Rea
 * static, several scale sets (MSQ, the sink set): the rows of each set are found once per forward from
   the shared :class:`~fake_quant.quant_utils.RowGroupContext`. ``layout="slices"`` (the model reorders
   visual tokens first, AIFS) runs each contiguous run of rows as a view of the input; ``layout="gather"``
-  (no AIFS) gathers each set's rows, runs them and scatters the outputs back;
+  (no AIFS) gathers each set's rows, runs them and scatters the outputs back; ``layout="rows"`` (kernels with
+  a row-scale epilogue: ``int_mm``, ``fp8``) looks each row's scale up from its set and runs one call;
 * dynamic per-token (the baseline): row scales from the rows at run time, then the same kernel.
+
+Kernels (``backend``): ``onednn`` and ``fbgemm`` on the CPU (:mod:`fake_quant.int8_kernels`); ``int_mm`` and
+``fp8`` on a GPU, or on the CPU to check their numbers (:mod:`fake_quant.scaled_mm`). ``fp8`` needs
+activations calibrated on the e4m3 grid (``--a_format e4m3``) and weights of at most 5 bits.
 
 Weights of any width up to 8 bits run on the int8 kernel (4-bit values are int8 codes in [-8, 7]): the
 arithmetic is that of the fake-quant model, the memory of int8. Layers that stay in floating point
@@ -30,12 +35,15 @@ from .config import FP_BITS, QuantConfig
 from .int8_kernels import KERNELS, SIGNED_ZERO, Int8Linear, KernelUnavailable, require_ops
 from .qparams import Granularity
 from .quant_utils import QuantLinear, RowGroupContext
+from .scaled_mm import FP8_WEIGHT_CODE_MAX, SCALED_MM_KERNELS, EpilogueLinear, fp8_supported
 from .spec import set_module
 
 log = logging.getLogger("mquant")
 
-BACKENDS = ("auto", "onednn", "fbgemm")
-LAYOUTS = ("slices", "gather")
+CPU_BACKENDS = ("onednn", "fbgemm")
+BACKENDS = ("auto", *CPU_BACKENDS, *SCALED_MM_KERNELS)
+LAYOUTS = ("slices", "gather", "rows")
+FP8_MAX_WEIGHT_BITS = 5  # integer codes up to 16 in magnitude are exact e4m3 numbers
 # the rows of the largest scale set run as one call over all rows when the others are at most this
 # fraction (their rows are then computed again with their own scale and written over): no output copy
 MAJORITY_PASS_FRACTION = 0.125
@@ -43,9 +51,10 @@ MAJORITY_PASS_FRACTION = 0.125
 
 @dataclass
 class RealizeOptions:
-    backend: str = "auto"       # "auto": oneDNN on a CPU with VNNI or AMX, fbgemm otherwise
+    backend: str = "auto"       # "auto": see choose_backend
     fuse: bool = False          # torch.compile the activation quantization into one loop per layer call
-    layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS) or "gather"
+    layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS), "gather" or "rows"
+    shape_rules: bool | None = None   # int_mm / fp8: pad to the CUDA kernels' multiples (None: on CUDA only)
     majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
     reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
     kernel_quantize: bool = False     # fbgemm: the kernel quantizes its input (exact ties may round the other way)
@@ -54,7 +63,7 @@ class RealizeOptions:
 @dataclass
 class RealizeReport:
     backend: str
-    isa: str
+    isa: str                    # the CPU's int8 / bf16 units, or the GPU's name and compute capability
     layers: dict[str, str] = field(default_factory=dict)  # realized path -> "static xG" / "dynamic"
     kept_fp: list[str] = field(default_factory=list)
     reduce_range: list[str] = field(default_factory=list)
@@ -70,8 +79,9 @@ class RealizeReport:
 # ---------------------------------------------------------------------------------------------
 # which settings a kernel serves (checked on the config, before any work)
 # ---------------------------------------------------------------------------------------------
-def config_errors(cfg: QuantConfig) -> list[str]:
-    """Why ``--real_quant`` cannot run these settings, each message naming the flag to change."""
+def config_errors(cfg: QuantConfig, backend: str | None = None) -> list[str]:
+    """Why ``--real_quant`` cannot run these settings (on ``backend``, once chosen), each message naming the flag
+    to change."""
     errs: list[str] = []
     parts = [p for p in cfg.parts() if cfg.part(p.name) is not None or (p.name == "visual" and cfg.connector)]
     if not parts:
@@ -106,7 +116,27 @@ def config_errors(cfg: QuantConfig) -> list[str]:
                         f"static scales ({p.flag('static')})")
         if not a.static and a.observer != "minmax":
             errs.append(f"--real_quant: dynamic activations use the min-max rule, not the {a.observer!r} observer")
+        if backend is None or not a.enabled:
+            continue
+        if backend == "fp8":
+            if a.format != "e4m3":
+                errs.append("--real_quant_backend fp8 multiplies e4m3 activations, and 8-bit integer codes are not "
+                            "e4m3 numbers: calibrate them on the FP8 grid (--a_format e4m3) or use int_mm")
+            if w.enabled and w.bits > FP8_MAX_WEIGHT_BITS:
+                errs.append(f"--real_quant_backend fp8 holds the weight codes in e4m3, exact only up to "
+                            f"{FP8_WEIGHT_CODE_MAX}: {p.flag('w_bits')} {w.bits} needs int_mm (or at most "
+                            f"{FP8_MAX_WEIGHT_BITS} bits)")
+        elif a.format == "e4m3":
+            errs.append(f"--a_format e4m3 activations run on the fp8 kernels only, not {backend}: use "
+                        "--real_quant_backend fp8 (or auto)")
     return errs
+
+
+def act_format(cfg: QuantConfig) -> str:
+    """The activation grid of the quantized parts ("int" or "e4m3")."""
+    formats = {p.act.format for p in cfg.parts() if p.act.enabled and (p.quantize or (p.name == "visual"
+                                                                                     and cfg.connector))}
+    return "e4m3" if "e4m3" in formats else "int"
 
 
 def cpp_compiler() -> str | None:
@@ -120,15 +150,44 @@ def cpp_compiler() -> str | None:
     return None
 
 
-def choose_backend(name: str = "auto") -> str:
-    """The kernel family for this CPU (``auto``) or the one asked for, after checking its ops exist."""
+def choose_backend(name: str = "auto", device: torch.device | str = "cpu", fmt: str = "int") -> str:
+    """The kernel family for ``device`` and the activation grid ``fmt`` (``auto``) or the one asked for, after
+    checking it can run there. ``auto``: e4m3 activations run on ``fp8``; integer ones on ``int_mm`` on a GPU,
+    on oneDNN on a CPU with VNNI or AMX and on fbgemm on other CPUs."""
     if name not in BACKENDS:
         raise ValueError(f"unknown real-quant backend {name!r}; use one of {BACKENDS}")
+    device = torch.device(device)
     if name == "auto":
-        isa = cpu_isa.detect()
-        name = "onednn" if (isa.vnni or isa.amx) else "fbgemm"
-    require_ops(name)
+        if fmt == "e4m3":
+            name = "fp8"
+        elif device.type == "cuda":
+            name = "int_mm"
+        else:
+            isa = cpu_isa.detect()
+            name = "onednn" if (isa.vnni or isa.amx) else "fbgemm"
+    if name in CPU_BACKENDS:
+        if device.type != "cpu":
+            raise KernelUnavailable(f"the {name} kernels run on the CPU, the model is on {device}: use "
+                                    "--real_quant_backend int_mm (or fp8 with --a_format e4m3) on a GPU")
+        require_ops(name)
+    elif name == "fp8":
+        why = fp8_supported(device)
+        if why:
+            raise KernelUnavailable(why)
+    if device.type == "cpu" and name == "fp8":
+        log.warning("fp8 on the CPU runs oneDNN's reference FP8 matmul: right numbers, no speed (a check, not a "
+                    "benchmark)")
+    if device.type == "cpu" and name == "int_mm" and not (cpu_isa.detect().vnni or cpu_isa.detect().amx):
+        log.warning("torch._int_mm on a CPU without VNNI is a scalar loop: right numbers, no speed; fbgemm is "
+                    "this CPU's int8 path")
     return name
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}), torch {torch.__version__}"
+    return cpu_isa.detect().describe()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +196,7 @@ def choose_backend(name: str = "auto") -> str:
 @dataclass
 class RowPlan:
     rows: int
+    index: torch.Tensor                        # the scale set of each row (for the rows layout)
     runs: list[tuple[int, int, int]]           # (start, stop, scale set) of each maximal run
     members: dict[int, torch.Tensor]           # scale set -> its row indices (for the gather layout)
     counts: dict[int, int]
@@ -157,7 +217,7 @@ def row_plan(index: torch.Tensor) -> RowPlan:
     for a, b, g in runs:
         counts[g] = counts.get(g, 0) + b - a
     members = {g: (idx == g).nonzero().flatten() for g in counts}
-    return RowPlan(rows=n, runs=runs, members=members, counts=counts)
+    return RowPlan(rows=n, index=idx.long(), runs=runs, members=members, counts=counts)
 
 
 class RowPlanner:
@@ -203,9 +263,14 @@ class RealQuantLinear(nn.Module):
         self.layout, self.majority_pass = layout, majority_pass
         self.planner = planner
         self.default_group = default_group
+        if layout == "rows" and static and not isinstance(kernel, EpilogueLinear):
+            raise ValueError(f"layout 'rows' needs a kernel with a row-scale epilogue (int_mm, fp8), not {kernel.name}")
         # plain attributes, not buffers: model.to(dtype) must not round the scales
         self.scales = None if scales is None else [s.reshape(()).float().clone() for s in scales]
         self.zeros = None if zeros is None else [z.reshape(()).float().clone() for z in zeros]
+        # the same as two tables, for the rows layout: each row's scale and zero point looked up by its set
+        self.scale_table = None if scales is None else torch.stack(self.scales)
+        self.zero_table = None if zeros is None else torch.stack(self.zeros)
         self.clip = torch.tensor(float(clip))
         # callers read ``layer.weight.dtype`` / ``.device`` (patch embeddings cast their input to it) and
         # transformers reads a module's dtype from its first floating-point parameter; the int8 weights live
@@ -237,6 +302,9 @@ class RealQuantLinear(nn.Module):
                 y = self._static(x2d, self.default_group if self.num_groups > 1 else 0, dtype)
             elif len(plan.counts) == 1:
                 y = self._static(x2d, plan.runs[0][2], dtype)
+            elif self.layout == "rows":
+                index = plan.index.to(self.scale_table.device)
+                y = self.kernel.static_rows(x2d, self.scale_table[index], self.zero_table[index], dtype)
             elif self.layout == "slices":
                 y = self._slices(x2d, plan, dtype)
             else:
@@ -323,27 +391,36 @@ def weight_codes(ql: QuantLinear) -> torch.Tensor:
 
 
 def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: RowPlanner | None,
-                  isa: cpu_isa.CpuIsa) -> RealQuantLinear:
+                  isa: cpu_isa.CpuIsa, device: torch.device | None = None) -> RealQuantLinear:
     problem = layer_problem(ql)
     if problem is not None:
         raise ValueError(problem)
     aq = ql.input_quantizer
     codes = weight_codes(ql)
     bias = None if ql.bias is None else ql.bias.detach().float().cpu()
+    if backend in CPU_BACKENDS and aq.bit_type.is_float:
+        raise ValueError(f"its activations are on the e4m3 grid, which the {backend} kernel does not take")
     if backend == "fbgemm":
         reduce = opts.reduce_range
         if reduce is None:  # two codes of a pair at the u8 end times two weights above 64 exceed int16
-            reduce = not isa.vnni and int(codes.abs().max()) > 64
+            reduce = not isa.vnni and int(codes.short().abs().max()) > 64
         if reduce and aq.static and not aq.bit_type.signed:
             raise ValueError("fbgemm without VNNI needs a reduced range for 8-bit weights, which serves symmetric "
                              "activations only: drop --a_asym, or use 4-bit weights")
         kernel = KERNELS["fbgemm"](codes, ql.weight_scale, bias, opts.fuse, reduce_range=reduce,
                                    dynamic=not aq.static, kernel_quantize=opts.kernel_quantize)
+    elif backend in SCALED_MM_KERNELS:
+        fp8_grid = aq.bit_type.is_float
+        if (backend == "fp8") != fp8_grid:
+            raise ValueError(f"its activations are on the {aq.bit_type} grid, which the {backend} kernel does not "
+                             "take (e4m3 activations run on fp8, integer ones on the others)")
+        kernel = SCALED_MM_KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse,
+                                            device=device or ql.weight.device, shape_rules=opts.shape_rules)
     else:
         kernel = KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse)
     rotation = ql.online_rotation if ql.use_online_rotation else None
     if aq.static:
-        zeros = aq.zero_point.reshape(-1) + (SIGNED_ZERO if aq.bit_type.signed else 0)
+        zeros = aq.zero_point.reshape(-1) + (SIGNED_ZERO if aq.bit_type.signed and not aq.bit_type.is_float else 0)
         scales = aq.scale.reshape(-1)
     else:
         scales = zeros = None
@@ -358,13 +435,18 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
     opts = opts or RealizeOptions()
     if opts.layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {opts.layout!r}")
-    backend = choose_backend(opts.backend)
-    isa = cpu_isa.detect()
-    report = RealizeReport(backend=backend, isa=isa.describe())
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if any(m.weight.device.type != "cpu" for _, m in targets):
-        raise ValueError("real int8 execution runs on the CPU here; the model is on "
-                         f"{next(m.weight.device for _, m in targets if m.weight.device.type != 'cpu')}")
+    devices = {m.weight.device for _, m in targets}
+    if len(devices) > 1:
+        raise ValueError(f"the quantized layers are on several devices ({sorted(map(str, devices))}): realize a "
+                         "model that sits on one device (not an offloaded one)")
+    device = devices.pop() if devices else torch.device("cpu")
+    fp8_grid = any(m.input_quantizer is not None and m.input_quantizer.bit_type.is_float for _, m in targets)
+    backend = choose_backend(opts.backend, device, "e4m3" if fp8_grid else "int")
+    if opts.layout == "rows" and backend not in SCALED_MM_KERNELS:
+        raise ValueError(f"layout 'rows' needs a kernel with a row-scale epilogue (int_mm, fp8), not {backend}")
+    isa = cpu_isa.detect()
+    report = RealizeReport(backend=backend, isa=describe_device(device))
     problems = []
     planners: dict[int, RowPlanner] = {}
     for name, ql in targets:
@@ -378,7 +460,7 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
         ctx = ql.input_quantizer.context
         planner = planners.setdefault(id(ctx), RowPlanner(ctx))
         try:
-            real = realize_layer(ql, backend, opts, planner, isa)
+            real = realize_layer(ql, backend, opts, planner, isa, device)
         except ValueError as e:
             problems.append(f"{name}: {e}")
             continue
@@ -390,16 +472,16 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
         report.weight_bits[bits] = report.weight_bits.get(bits, 0) + 1
         report.int8_weight_bytes += real.kernel.nbytes()
     if problems:
-        raise ValueError(f"{len(problems)} quantized layer(s) cannot run on the int8 kernels:\n  - "
+        raise ValueError(f"{len(problems)} quantized layer(s) cannot run on the {backend} kernels:\n  - "
                          + "\n  - ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else ""))
     if report.reduce_range:
         log.warning("fbgemm on a CPU without VNNI: %d layer(s) with 8-bit weights run their activations on a "
                     "7-bit grid (int16 pair sums would saturate); they differ slightly from the fake-quant model",
                     len(report.reduce_range))
     log.info("realized %d linear layers on %s (%s); %d left in floating point", len(report.layers), backend,
-             isa.int8_class, len(report.kept_fp))
+             isa.int8_class if device.type == "cpu" else str(device), len(report.kept_fp))
     return report
 
 
 __all__ = ["RealizeOptions", "RealizeReport", "RealQuantLinear", "realize", "config_errors", "choose_backend",
-           "KernelUnavailable", "row_plan", "RowPlanner", "BACKENDS"]
+           "KernelUnavailable", "row_plan", "RowPlanner", "BACKENDS", "act_format", "SCALED_MM_KERNELS"]

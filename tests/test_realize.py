@@ -43,20 +43,21 @@ def groups_index(batch=2, seq=40, visual=(6, 30), contiguous=True):
     return idx
 
 
-def layer_input(idx, seed):
+def layer_input(idx, seed, width=64):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*idx.shape, 64, generator=g)
+    x = torch.randn(*idx.shape, width, generator=g)
     x[idx == VISUAL] *= 20.0   # visual rows: a wider range, so a shared scale would be a different model
     x[idx == SINK] *= 200.0    # the attention sink dwarfs everything
     return x
 
 
-def calibrated(static=True, w_bits=8, groups=3, a_sym=True, rotation=False, bias=True, ctx=None, seed=0):
+def calibrated(static=True, w_bits=8, groups=3, a_sym=True, rotation=False, bias=True, ctx=None, seed=0,
+               fmt="int", dims=(64, 48)):
     torch.manual_seed(seed)
-    lin = nn.Linear(64, 48, bias=bias)
+    lin = nn.Linear(*dims, bias=bias)
     aq = ActQuantizer(8, a_sym, "tensor" if static else "token", static=static,
-                      num_row_groups=groups if static else 1, default_row_group=TEXT, context=ctx)
-    ql = QuantLinear(lin, online_rotation=OnlineHadamard(64) if rotation else None, input_quantizer=aq,
+                      num_row_groups=groups if static else 1, default_row_group=TEXT, context=ctx, fmt=fmt)
+    ql = QuantLinear(lin, online_rotation=OnlineHadamard(dims[0]) if rotation else None, input_quantizer=aq,
                      weight_quantizer=WeightQuantizer(w_bits))
     ql.quantize_weight_()
     if static:
@@ -65,7 +66,7 @@ def calibrated(static=True, w_bits=8, groups=3, a_sym=True, rotation=False, bias
             ctx.set(idx)
         aq.start_calibration()
         with torch.no_grad():
-            ql(layer_input(idx, 100))
+            ql(layer_input(idx, 100, dims[0]))
         aq.freeze()
     return ql
 

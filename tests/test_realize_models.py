@@ -1,6 +1,7 @@
-"""Real int8 execution of whole calibrated models: the realized tiny Qwen2-VL (transformers) and Qwen-VL (our own
-modelling code) give the fake-quant model's logits, W8A8 and W4A8, MSQ with and without AIFS, with the sink set,
-on every int8 backend of this machine; ``--real_quant`` refuses what no kernel serves before any work."""
+"""Real int8 / FP8 execution of whole calibrated models: the realized tiny Qwen2-VL (transformers) and Qwen-VL (our
+own modelling code) give the fake-quant model's logits, W8A8 and W4A8, MSQ with and without AIFS, with the sink
+set, on every kernel family the test device has (the CPU's oneDNN and fbgemm, and torch._int_mm / torch._scaled_mm,
+which run on a CPU too); ``--real_quant`` refuses what no kernel serves before any work."""
 import json
 
 import pytest
@@ -10,14 +11,15 @@ from evaluation.builtin import builtin_rows
 from exam.common import _config_from_dict
 from fake_quant import pipeline
 from fake_quant.quant_utils import QuantLinear
-from fake_quant.realize import RealQuantLinear, choose_backend
+from fake_quant.realize import SCALED_MM_KERNELS, RealQuantLinear, choose_backend
 from fake_quant.spec import set_module
 from model.base import Sample
 from model.qwen2vl import Qwen2VLAdapter
 from tests import DEVICE, main
 from tests.test_realize import BACKENDS
 
-pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="real int8 execution runs on the CPU")
+# the kernel families for an integer activation grid on the test device
+INT_BACKENDS = [*BACKENDS, "int_mm"] if DEVICE == "cpu" else ["int_mm"]
 
 BASE = ("--rotate --rotate_visual_clip --rotate_llm --online_llm_hadamard --online_visual_hadamard --quant "
         "--quant_llm --quant_visual_clip --quant_cross_attention --visual_static --llm_static --visual_w_rtn "
@@ -47,9 +49,11 @@ def fake_quant_run(tmp_path, family, flags, name):
     return loaded, adapter, batches, logits(loaded.model, batches), _config_from_dict(out["results"]["config"])
 
 
-def realized_logits(cfg, loaded, batches, backend, layouts=("slices", "gather")):
+def realized_logits(cfg, loaded, batches, backend, layouts=None):
     """Realize; per layout the logits and each realized layer's error against its fake-quant layer on the very
     same input (the forward's own row groups included); then put the fake-quant layers back."""
+    if layouts is None:
+        layouts = ("slices", "gather", "rows") if backend in SCALED_MM_KERNELS else ("slices", "gather")
     originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
     report = pipeline.realize(cfg, loaded, backend)
     real = {n: m for n, m in loaded.model.named_modules() if isinstance(m, RealQuantLinear)}
@@ -82,7 +86,7 @@ def qwen2vl_w4a8(tmp_path_factory):
     return fake_quant_run(tmp_path_factory.mktemp("rq"), "qwen2vl", W4A8_AIFS_SINK, "w4")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INT_BACKENDS)
 def test_qwen2vl_w4a8_msq_aifs_sink_realized_equals_fake_quant(qwen2vl_w4a8, backend):
     loaded, _, batches, ref, cfg = qwen2vl_w4a8
     report, real, out, worst = realized_logits(cfg, loaded, batches, backend)
@@ -104,6 +108,7 @@ def test_qwen2vl_negative_control_swapped_modality_scales_change_the_logits(qwen
         for m in loaded.model.modules():
             if isinstance(m, RealQuantLinear) and m.num_groups == 3:
                 m.scales = [m.scales[1], m.scales[0], m.scales[2]]  # text rows on the visual scale and back
+                m.scale_table = m.scale_table[[1, 0, 2]]
         assert rel(logits(loaded.model, batches), ref) > 1e-2
     finally:
         for n, m in originals.items():
@@ -139,7 +144,7 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
     qmax), so both are held to half the quantization error; the per-layer bound above is the exact check."""
     loaded, _, batches, ref, cfg = fake_quant_run(tmp_path, family, W8A8_NO_AIFS, "fake")
     fp = out_fp = None
-    for backend in BACKENDS:
+    for backend in INT_BACKENDS:
         report, real, out, worst = realized_logits(cfg, loaded, batches, backend, layouts=("gather",))
         assert report.weight_bits == {8: len(real)} and all(m.num_groups in (1, 2) for m in real)
         assert set(worst) == set(report.layers) and max(worst.values()) < 1e-5
@@ -147,17 +152,49 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
             fp = main(family, ["--model_path", "tiny", "--output_dir", str(tmp_path / "fp")])["loaded"]
             out_fp = logits(fp.model, batches)
         assert rel(out["gather"], ref) < 0.5 * rel(ref, out_fp)
-        if backend == choose_backend():
+        if backend == choose_backend("auto", DEVICE):
             auto = out["gather"]
     cli = main(family, ["--model_path", "tiny", "--output_dir", str(tmp_path / "real"), *W8A8_NO_AIFS,
                         "--real_quant"])
     real_model = cli["loaded"].model
     real = [m for m in real_model.modules() if isinstance(m, RealQuantLinear)]
-    assert real and all(m.layout == "gather" for m in real)
+    auto_backend = choose_backend("auto", DEVICE)
+    assert real and all(m.layout == ("rows" if auto_backend in SCALED_MM_KERNELS else "gather") for m in real)
     assert not any(isinstance(m, QuantLinear) and m.input_quantizer is not None for m in real_model.modules())
-    assert torch.equal(logits(real_model, batches), auto)
+    if auto_backend in SCALED_MM_KERNELS:  # one call with a scale per row instead of gathered rows
+        assert rel(logits(real_model, batches), auto) < 1e-5
+    else:
+        assert torch.equal(logits(real_model, batches), auto)
     rq = json.loads((tmp_path / "real" / "results.json").read_text())["real_quant"]
-    assert rq["backend"] == choose_backend() and len(rq["layers"]) == len(real) and rq["weight_bits"] == {"8": len(real)}
+    assert rq["backend"] == auto_backend and len(rq["layers"]) == len(real) and rq["weight_bits"] == {"8": len(real)}
+
+
+def fp8_available():
+    from fake_quant.scaled_mm import fp8_supported
+
+    return fp8_supported(torch.device(DEVICE)) is None
+
+
+@pytest.mark.skipif(not fp8_available(), reason="the test device has no FP8 matmul")
+def test_w4a8_e4m3_realized_on_fp8_equals_fake_quant_and_the_cli_runs_it(tmp_path):
+    """Activations calibrated on the FP8 grid (--a_format e4m3), W4 weights, MSQ + AIFS + sink set + RMS: the model
+    on torch._scaled_mm gives the fake-quant logits in every layout; then ``--real_quant`` picks fp8 on its own
+    and one call per layer with a scale per row."""
+    flags = [*W4A8_AIFS_SINK, "--a_format", "e4m3"]
+    loaded, _, batches, ref, cfg = fake_quant_run(tmp_path, "qwen2vl", flags, "fake")
+    assert {m.input_quantizer.bit_type.name for m in loaded.model.modules()
+            if isinstance(m, QuantLinear) and m.input_quantizer is not None} == {"fp8_e4m3"}
+    report, real, out, worst = realized_logits(cfg, loaded, batches, "fp8")
+    assert report.backend == "fp8" and report.weight_bits == {4: len(real)} and len(real) >= 25
+    assert set(worst) == set(report.layers) and max(worst.values()) < 1e-5
+    for layout, got in out.items():
+        assert rel(got, ref) < 1e-3, layout
+    cli = main("qwen2vl", ["--model_path", "tiny", "--output_dir", str(tmp_path / "real"), *flags, "--real_quant"])
+    real = [m for m in cli["loaded"].model.modules() if isinstance(m, RealQuantLinear)]
+    assert real and all(m.kernel.name == "fp8" and m.layout == "rows" for m in real)
+    assert rel(logits(cli["loaded"].model, batches), ref) < 1e-3
+    rq = json.loads((tmp_path / "real" / "results.json").read_text())["real_quant"]
+    assert rq["backend"] == "fp8" and len(rq["layers"]) == len(real)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +207,14 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
         (["--w_groupsize", "32"], "--w_groupsize 32 (group-wise) has no kernel"),
         (["--a_asym"], "dynamic activations run symmetric per-token; drop --a_asym"),
         (["--llm_w_bits", "16"], "set --llm_w_bits to 8 or less"),
-        (["--device", "cuda"], "pass --device cpu"),
+        (["--device", "cuda"], "CUDA is not available on this machine") if not torch.cuda.is_available() else
+        (["--real_quant_backend", "onednn", "--device", "cuda"], "the onednn kernels run on the CPU"),
+        (["--llm_static", "--real_quant_backend", "fp8"], "calibrate them on the FP8 grid (--a_format e4m3)"),
+        (["--a_format", "e4m3", "--real_quant_backend", "fp8", "--llm_w_bits", "8"],
+         "--llm_w_bits 8 needs int_mm"),
+        (["--a_format", "e4m3", "--real_quant_backend", "onednn"], "run on the fp8 kernels only, not onednn"),
+        (["--a_format", "e4m3", "--a_asym"], "--a_format e4m3 is symmetric: drop --a_asym"),
+        (["--real_quant_layout", "rows", "--real_quant_backend", "fbgemm"], "--real_quant_layout rows needs"),
     ],
 )
 def test_real_quant_refuses_what_no_kernel_serves_before_any_work(tmp_path, capsys, monkeypatch, extra, message):

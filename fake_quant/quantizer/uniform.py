@@ -33,9 +33,10 @@ class UniformQuantizer(nn.Module):
         clip_ratio: float = 1.0,
         num_row_groups: int = 1,
         default_row_group: int | None = 0,
+        fmt: str = "int",
     ) -> None:
         super().__init__()
-        self.bit_type = get_bit_type(bits, symmetric)
+        self.bit_type = get_bit_type(bits, symmetric, fmt)
         self.symmetric = symmetric
         self.granularity = Granularity.parse(granularity)
         self.group_size = group_size
