@@ -20,8 +20,19 @@ Repeats are interleaved (every setting once per round, the order rotating), and 
 ratios compare medians of this run. Peak RSS: the largest resident set sampled during that row's prefills
 minus the resident set just before (the prefill's working memory), next to the weights' own bytes.
 
+On a GPU (``--device cuda``, part ``stack``) the rows are the GPU kernels': int8 (``torch._int_mm``) W8A8
+dynamic, static one scale, MSQ with its rows gathered, with a scale per row (one call, any order), as AIFS
+slices and with AIFS plus a scale per row, W4A8 MQuant; then FP8 (``torch._scaled_mm``, activations
+calibrated on the e4m3 grid, W4 weights held in e4m3) dynamic, static one scale, MSQ with a scale per row,
+MSQ + AIFS slices and MQuant. The non-GEMM parts run in bf16, every timed prefill ends in a device
+synchronize, the memory column is the peak of allocated GPU memory during the prefill, and the per-layer
+clocks (in linears / in GEMMs / attention core) are left out: timing them would need a synchronize per layer.
+``--kernels gpu`` runs the same rows on the CPU (``torch._scaled_mm`` is a reference loop there: a check of
+the rows, not a timing).
+
     python bench/ttft.py [--part stack|minivlm|all] [--widths 2B] [--layers 2] [--visual 1024,4096]
-                         [--repeats 5] [--backend auto|onednn|fbgemm] [--no_fuse] [--json FILE]
+                         [--repeats 5] [--backend auto|onednn|fbgemm|int_mm|fp8] [--device cpu|cuda]
+                         [--kernels cpu|gpu] [--no_fuse] [--json FILE]
 """
 from __future__ import annotations
 
@@ -63,6 +74,7 @@ class Setting:
     gemm_times: dict[str, list[float]] = field(default_factory=dict)
     attn_times: dict[str, list[float]] = field(default_factory=dict)
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
+    peak_mem: dict[str, int] = field(default_factory=dict)  # CUDA: peak allocated bytes during the prefill
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
     realized_error: float | None = None   # logits, realized vs fake quant
@@ -71,17 +83,39 @@ class Setting:
     kl: tuple | None = None               # (KL(FP32 || fake quant), KL(FP32 || realized), prompts)
 
 
+# (name, quantization settings, [(row name suffix, MSQ row layout)] sharing one calibrated model)
 QUANT_SETTINGS = [
-    ("W8A8 dynamic per-token", dict(w_bits=8, static=False)),
-    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False)),
-    ("W8A8 MSQ, no AIFS (gather)", dict(w_bits=8, static=True, msq=True, aifs=False)),
-    ("W8A8 MSQ + AIFS (slices)", dict(w_bits=8, static=True, msq=True, aifs=True)),
-    ("W4A8 MQuant (MSQ + AIFS + RMS)", dict(w_bits=4, static=True, msq=True, aifs=True, rms=True)),
+    ("W8A8 dynamic per-token", dict(w_bits=8, static=False), [("", None)]),
+    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False), [("", None)]),
+    ("W8A8 MSQ, no AIFS", dict(w_bits=8, static=True, msq=True, aifs=False),
+     # one image is one contiguous block in prompt order already: the same model with its runs sliced
+     [(" (gather)", "gather"), (", runs sliced", "slices")]),
+    ("W8A8 MSQ + AIFS (slices)", dict(w_bits=8, static=True, msq=True, aifs=True), [("", "slices")]),
+    ("W4A8 MQuant (MSQ + AIFS + RMS)", dict(w_bits=4, static=True, msq=True, aifs=True, rms=True),
+     [("", "slices")]),
+]
+INT8, FP8 = dict(backend="int_mm"), dict(backend="fp8", fmt="e4m3", w_bits=4)
+GPU_QUANT_SETTINGS = [
+    ("W8A8 dynamic per-token", dict(w_bits=8, static=False, **INT8), [("", None)]),
+    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False, **INT8), [("", None)]),
+    ("W8A8 MSQ, no AIFS", dict(w_bits=8, static=True, msq=True, aifs=False, **INT8),
+     [(" (gather)", "gather"), (" (row scales)", "rows")]),
+    ("W8A8 MSQ + AIFS", dict(w_bits=8, static=True, msq=True, aifs=True, **INT8),
+     [(" (slices)", "slices"), (" (row scales)", "rows")]),
+    ("W4A8 MQuant (MSQ + AIFS + RMS)", dict(w_bits=4, static=True, msq=True, aifs=True, rms=True, **INT8),
+     [(" (row scales)", "rows")]),
+    ("FP8 W4A8 dynamic per-token", dict(static=False, **FP8), [("", None)]),
+    ("FP8 W4A8 static, one scale", dict(static=True, msq=False, **FP8), [("", None)]),
+    ("FP8 W4A8 MSQ, no AIFS", dict(static=True, msq=True, aifs=False, **FP8), [(" (row scales)", "rows")]),
+    ("FP8 W4A8 MSQ + AIFS", dict(static=True, msq=True, aifs=True, **FP8),
+     [(" (slices)", "slices"), (" (row scales)", "rows")]),
+    ("FP8 W4A8 MQuant (MSQ + AIFS + RMS)", dict(static=True, msq=True, aifs=True, rms=True, **FP8),
+     [(" (row scales)", "rows")]),
 ]
 
 
 def quant_config(w_bits: int, static: bool, msq: bool = True, aifs: bool = False, rms: bool = False,
-                 visual: bool = False) -> QuantConfig:
+                 visual: bool = False, fmt: str = "int", backend: str | None = None) -> QuantConfig:
     q = QuantConfig(nsamples=2, calib_num=2, seed=0, msq=msq, aifs=aifs)
     r = q.rotation
     r.rotate = r.llm = r.online_llm_hadamard = True
@@ -94,8 +128,13 @@ def quant_config(w_bits: int, static: bool, msq: bool = True, aifs: bool = False
     for p in parts:
         p.quantize = True
         p.weight.bits, p.weight.rtn = w_bits, True
-        p.act.bits, p.act.static = 8, static
+        p.act.bits, p.act.static, p.act.format = 8, static, fmt
     return q.validate()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +223,12 @@ class LinearClock:
         for name, m in model.named_modules():
             if name.startswith(under) and isinstance(m, RealQuantLinear):
                 self._time_gemm(m.kernel)
+        self.reset()
 
     def _time_gemm(self, kernel) -> None:
-        attr = "matmul" if hasattr(kernel, "matmul") else "_run"
+        attr = "matmul" if hasattr(kernel, "matmul") else ("_run" if hasattr(kernel, "_run") else None)
+        if attr is None:  # int_mm / fp8: the GEMM is one op inside each call, not timed apart
+            return
         fn = getattr(kernel, attr)
 
         def timed(*a, **kw):
@@ -199,7 +241,8 @@ class LinearClock:
         self._kernels.append((kernel, attr))
 
     def reset(self) -> None:
-        self.total = self.gemm = self.attn = self.attn_linears = 0.0
+        self.total = self.attn = self.attn_linears = 0.0
+        self.gemm = 0.0 if self._kernels else float("nan")  # int_mm / fp8: not timed apart
 
     def remove(self) -> None:
         for h in self.handles:
@@ -232,19 +275,31 @@ def set_fuse(model: torch.nn.Module, fuse: bool) -> None:
             m.kernel.set_fuse(fuse)
 
 
+class NoClock:
+    """On a GPU the layer clocks are left out (timing a layer needs a synchronize around it)."""
+    total = gemm = attention_core = float("nan")
+
+    def reset(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
 def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[str, ...], forward,
-             layers: str) -> None:
+             layers: str, device: torch.device = torch.device("cpu")) -> None:
     """Interleaved: every (setting, mode) once per round, the starting point rotating round by round."""
     jobs = [(s, m) for s in settings for m in (modes if s.quant else ("eager",))]
     clocks = {}
     for s in settings:
         if id(s.model) not in clocks:
-            clocks[id(s.model)] = LinearClock(s.model, layers)
+            clocks[id(s.model)] = LinearClock(s.model, layers) if device.type == "cpu" else NoClock()
     with torch.no_grad():
         for s, m in jobs:  # warm-up: oneDNN primitives, compiled quantizers, allocator
             apply_layout(s)
             set_fuse(s.model, m == "fused")
             forward(s.model, inputs, s.dtype)
+        sync(device)
         for r in range(repeats):
             k = r % len(jobs)
             for s, m in jobs[k:] + jobs[:k]:
@@ -253,10 +308,17 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
                 gc.collect()
                 clock = clocks[id(s.model)]
                 clock.reset()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
                 with RssPeak() as rss:
                     t0 = time.perf_counter()
                     forward(s.model, inputs, s.dtype)
+                    sync(device)
                     dt = time.perf_counter() - t0
+                if device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(device) - before
+                    s.peak_mem[m] = max(s.peak_mem.get(m, 0), peak)
                 s.times.setdefault(m, []).append(dt)
                 s.linear_times.setdefault(m, []).append(clock.total)
                 s.gemm_times.setdefault(m, []).append(clock.gemm)
@@ -270,26 +332,37 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     med = {(s.name, m): statistics.median(v) for s in settings for m, v in s.times.items()}
     fp = [s for s in settings if not s.quant]
     base = min(fp, key=lambda s: med[s.name, "eager"])
-    dyn = next((s for s in settings if s.quant and not s.quant["static"]), None)
+
+    def dynamic_of(s):  # the dynamic per-token row of the same kernel family
+        return next((d for d in settings if d.quant and not d.quant["static"]
+                     and d.quant.get("backend") == s.quant.get("backend")), None)
+
+    gpu = any(s.peak_mem for s in settings)
+    mem_col = "prefill peak GPU memory MB" if gpu else "prefill peak RSS MB"
     lines = [f"### {title}", "",
              f"baseline: {base.name} (the faster floating-point path here); ratios are speed-ups (higher is faster)",
              "", "| setting | mode | prefill ms | x vs FP32 | x vs " + base.name + " | x vs dynamic | in linears ms "
-             "| linears x vs dynamic | in int8 GEMMs ms | attention core ms | prefill peak RSS MB | decoder linears MB |",
+             f"| linears x vs dynamic | in int8 GEMMs ms | attention core ms | {mem_col} | decoder linears MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lin = {(s.name, m): statistics.median(v) for s in settings for m, v in s.linear_times.items()}
     gemm = {(s.name, m): statistics.median(v) for s in settings for m, v in s.gemm_times.items()}
     attn = {(s.name, m): statistics.median(v) for s in settings for m, v in s.attn_times.items()}
     fp32 = next(s for s in fp if s.dtype == torch.float32)
+    def ms(v):
+        return "" if v != v else f"{v * 1e3:.0f}"  # NaN: not measured (GPU)
+
     for s in settings:
+        dyn = dynamic_of(s) if s.quant else None
         for m in (modes if s.quant else ("eager",)):
             t = med[s.name, m]
-            vs_dyn = f"{med[dyn.name, m] / t:.2f}" if dyn is not None and s.quant else ""
+            vs_dyn = f"{med[dyn.name, m] / t:.2f}" if dyn is not None else ""
             mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m] if s.quant else str(s.dtype).replace("torch.", "")
-            lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and s.quant else ""
-            lines.append(f"| {s.name} | {mode} | {t * 1e3:.0f} | {med[fp32.name, 'eager'] / t:.2f} | "
-                         f"{med[base.name, 'eager'] / t:.2f} | {vs_dyn} | {lin[s.name, m] * 1e3:.0f} | {lin_dyn} | "
-                         f"{f'{gemm[s.name, m] * 1e3:.0f}' if s.quant else ''} | {attn[s.name, m] * 1e3:.0f} | "
-                         f"{s.rss[m] / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} |")
+            lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and not gpu else ""
+            mem = s.peak_mem.get(m, 0) if gpu else s.rss[m]
+            lines.append(f"| {s.name} | {mode} | {t * 1e3:.1f} | {med[fp32.name, 'eager'] / t:.2f} | "
+                         f"{med[base.name, 'eager'] / t:.2f} | {vs_dyn} | {ms(lin[s.name, m])} | {lin_dyn} | "
+                         f"{ms(gemm[s.name, m]) if s.quant else ''} | {ms(attn[s.name, m])} | "
+                         f"{mem / 2**20:.0f} | {s.weight_bytes / 2**20:.0f} |")
     lines.append("")
     lines.append(f"repeats per row: {len(settings[0].times['eager'])} (interleaved); spread (max/min) of the rows: "
                  + ", ".join(f"{s.name.split(' (')[0]} {max(v) / min(v):.2f}" for s in settings
@@ -335,7 +408,7 @@ class GivenFeatures:
     """Stands in for the vision encoder: seeded random features of the image's token count."""
 
     def __init__(self, hidden: int) -> None:
-        self.hidden, self.cache = hidden, {}
+        self.hidden, self.cache = hidden, {}  # the same features on every device: made on the CPU, then moved
 
     def __call__(self, pixel_values, image_grid_thw=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -346,11 +419,11 @@ class GivenFeatures:
             if n not in self.cache:
                 g = torch.Generator().manual_seed(n)
                 self.cache[n] = FEATURE_SCALE * torch.randn(n, self.hidden, generator=g) * 0.02
-            out.append(self.cache[n].to(pixel_values.dtype))
+            out.append(self.cache[n].to(pixel_values.device, pixel_values.dtype))
         return BaseModelOutputWithPooling(pooler_output=tuple(out))
 
 
-def stack_inputs(nv: int, vocab: int, seed: int = 0) -> dict:
+def stack_inputs(nv: int, vocab: int, seed: int = 0, device: torch.device | str = "cpu") -> dict:
     from model import tiny
 
     side = int(round(nv ** 0.5))
@@ -362,8 +435,9 @@ def stack_inputs(nv: int, vocab: int, seed: int = 0) -> dict:
     head, tail = text[:20], text[20:]
     ids = torch.cat([head, torch.tensor([tiny.VISION_START]), torch.full((nv,), tiny.IMAGE_TOKEN),
                      torch.tensor([tiny.VISION_END]), tail])[None]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(1, 1),
-            "image_grid_thw": torch.tensor([[1, 2 * gh, 2 * gw]]), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int()}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.zeros(1, 1),
+             "image_grid_thw": torch.tensor([[1, 2 * gh, 2 * gw]]), "mm_token_type_ids": (ids == tiny.IMAGE_TOKEN).int()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def stack_forward(model, inputs: dict, dtype: torch.dtype):
@@ -379,9 +453,10 @@ def kl_from(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 
 
 def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forward, backend: str,
-                   visual_part: bool = False, only: list[str] | None = None) -> list[Setting]:
+                   visual_part: bool = False, only: list[str] | None = None,
+                   quant_settings: list | None = None) -> list[Setting]:
     """FP32 and BF16 models, then each quantized setting: calibrated (fake quant), compared with its realized
-    model on ``probes`` (held-out prompts), realized."""
+    model on ``probes`` (held-out prompts), realized. A setting's own ``backend`` wins over ``backend``."""
     from model.base import Loaded
 
     probe = probes[0]
@@ -390,8 +465,8 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
         fp_logits = [forward(fp32, p, torch.float32) for p in probes]
     settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
                                                                     copy.deepcopy(fp32).to(torch.bfloat16))]
-    for name, q in QUANT_SETTINGS:
-        if only and not any(o.lower() in name.lower() for o in only):
+    for name, q, variants in quant_settings or QUANT_SETTINGS:
+        if only and not any(o.lower() in (name + suffix).lower() for o in only for suffix, _ in variants):
             continue
         cfg = quant_config(**q, visual=visual_part)
         loaded = Loaded(copy.deepcopy(fp32), None, "bench")
@@ -402,14 +477,9 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
             ref = fake_logits[0]
             noise = rel(with_input_noise(loaded.model, lambda: forward(loaded.model, probe, torch.float32)), ref)
             originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
-            pipeline.realize(cfg, loaded, backend)
-            setting = Setting(name, q, torch.float32, loaded.model, layout="slices" if q.get("aifs") else "gather")
-            variants = [setting]
-            if q.get("msq") and q["static"] and not q.get("aifs"):
-                # one image is one contiguous block in prompt order already: the same model with its runs sliced
-                variants.append(Setting("W8A8 MSQ, no AIFS, runs sliced", q, torch.float32, loaded.model,
-                                        layout="slices"))
-            for v in variants:
+            pipeline.realize(cfg, loaded, q.get("backend", backend))
+            for suffix, layout in variants:
+                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout)
                 apply_layout(v)
                 v.noise_error = noise
                 v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
@@ -417,7 +487,7 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
                                                                   ref)
                 v.kl = (kl_from(fp_logits, fake_logits),
                         kl_from(fp_logits, [forward(loaded.model, p, torch.float32) for p in probes]), len(probes))
-            settings += variants
+                settings.append(v)
     return settings
 
 
@@ -475,14 +545,17 @@ def apply_layout(s: Setting) -> None:
             m.layout = s.layout
 
 
-def choose_fp_dtype(settings: list[Setting], inputs: dict, forward) -> tuple[torch.dtype, str]:
-    """bf16 for the non-GEMM parts only if this CPU runs the bf16 model faster than fp32 (measured now)."""
+def choose_fp_dtype(settings: list[Setting], inputs: dict, forward,
+                    device: torch.device = torch.device("cpu")) -> tuple[torch.dtype, str]:
+    """bf16 for the non-GEMM parts only if this machine runs the bf16 model faster than fp32 (measured now)."""
     t = {}
     with torch.no_grad():
         for s in settings[:2]:
             forward(s.model, inputs, s.dtype)
+            sync(device)
             t0 = time.perf_counter()
             forward(s.model, inputs, s.dtype)
+            sync(device)
             t[s.dtype] = time.perf_counter() - t0
     faster = min(t, key=t.get)
     why = (f"probe prefill: fp32 {t[torch.float32] * 1e3:.0f} ms, bf16 {t[torch.bfloat16] * 1e3:.0f} ms -> the "
@@ -496,25 +569,28 @@ def part_stack(args, modes) -> list[str]:
     hidden = WIDTHS[args.widths][0]
     adapter = Qwen2VLAdapter()
 
+    device = torch.device(args.device)
+
     def make_fp():
-        m = stack_model(args.widths, args.layers, args.vocab)
+        m = stack_model(args.widths, args.layers, args.vocab).to(device)
         m.model.get_image_features = GivenFeatures(hidden)
         return m
 
-    calib = [stack_inputs(256, args.vocab, seed=s) for s in (1, 2)]
-    probes = [stack_inputs(256, args.vocab, seed=s) for s in (3, 4, 5)]
-    settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend, only=args.settings)
+    calib = [stack_inputs(256, args.vocab, seed=s, device=device) for s in (1, 2)]
+    probes = [stack_inputs(256, args.vocab, seed=s, device=device) for s in (3, 4, 5)]
+    settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend, only=args.settings,
+                              quant_settings=GPU_QUANT_SETTINGS if args.kernels == "gpu" else QUANT_SETTINGS)
     out = []
     for nv in args.visual:
-        inputs = stack_inputs(nv, args.vocab)
-        dtype, why = choose_fp_dtype(settings, inputs, stack_forward)
+        inputs = stack_inputs(nv, args.vocab, device=device)
+        dtype, why = choose_fp_dtype(settings, inputs, stack_forward, device)
         for s in settings:
             if s.quant:
                 cast_model(s.model, dtype)
                 s.dtype = dtype
-            s.times, s.linear_times, s.rss = {}, {}, {}
+            s.times, s.linear_times, s.rss, s.peak_mem = {}, {}, {}, {}
             s.weight_bytes = linear_bytes(s.model, "model.language_model.layers")
-        time_all(settings, inputs, args.repeats, modes, stack_forward, "model.language_model.layers")
+        time_all(settings, inputs, args.repeats, modes, stack_forward, "model.language_model.layers", device)
         title = (f"Qwen2-VL-{args.widths} widths, {args.layers} random decoder layers, {nv} visual + {TEXT_TOKENS} "
                  f"text tokens, vocabulary {args.vocab}")
         out.append(table(settings, title, modes) + "\n\n" + why)
@@ -577,15 +653,31 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=16384, help="vocabulary of the random stacks (only the last "
                     "token's logits are computed, so it changes little)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--backend", default="auto", choices=["auto", "onednn", "fbgemm"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "onednn", "fbgemm", "int_mm", "fp8"],
+                    help="kernels of the CPU rows (the GPU rows name their own: int_mm and fp8)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda[:N] (default: cuda when available); the minivlm part runs on the CPU")
+    ap.add_argument("--kernels", default=None, choices=["cpu", "gpu"],
+                    help="which rows: the CPU kernels' (oneDNN / fbgemm) or the GPU kernels' (int_mm, fp8); "
+                         "default: those of --device")
     ap.add_argument("--no_fuse", action="store_true", help="skip the compiled-quantize timings")
     ap.add_argument("--json", default=None, help="also write the tables and the machine to this file")
     ap.add_argument("--settings", default=None, help="only the quantized settings whose names contain one of these "
                     "comma-separated words (case-insensitive), e.g. 'one scale,AIFS'; FP32 and BF16 always run")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.kernels = args.kernels or ("gpu" if device.type == "cuda" else "cpu")
+    if args.kernels == "cpu" and device.type != "cpu":
+        ap.error("--kernels cpu: oneDNN and fbgemm run on the CPU; use --device cpu")
+    if device.type != "cpu" and args.part != "stack":
+        ap.error(f"--part {args.part}: the GPU timings cover the random stacks only (--part stack)")
+    table_rows = GPU_QUANT_SETTINGS if args.kernels == "gpu" else QUANT_SETTINGS
+    names = [n + suffix for n, _, variants in table_rows for suffix, _ in variants]
     args.settings = [w.strip() for w in args.settings.split(",") if w.strip()] if args.settings else None
-    if args.settings and not any(any(w.lower() in n.lower() for w in args.settings) for n, _ in QUANT_SETTINGS):
-        ap.error(f"--settings {','.join(args.settings)}: matches none of {[n for n, _ in QUANT_SETTINGS]}")
+    if args.settings and not any(any(w.lower() in n.lower() for w in args.settings) for n in names):
+        ap.error(f"--settings {','.join(args.settings)}: matches none of {names}")
     args.visual = [int(v) for v in args.visual.split(",")]
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
@@ -593,11 +685,19 @@ def main() -> None:
     isa = cpu_isa.detect()
     from fake_quant.realize import choose_backend
 
-    backend = choose_backend(args.backend)
     head = [f"machine: {isa.describe()}; {os.cpu_count()} cores, {torch.get_num_threads()} threads",
-            f"build: {cpu_isa.torch_build()}",
-            f"int8 backend: {backend} ({'asked for' if args.backend != 'auto' else 'chosen for ' + isa.int8_class})",
-            f"load average at start: {os.getloadavg()[0]:.2f}"]
+            f"build: {cpu_isa.torch_build()}"]
+    if device.type == "cuda":
+        from fake_quant.realize import describe_device
+
+        head.append(f"GPU: {describe_device(device)}; rows on torch._int_mm (int8) and torch._scaled_mm (FP8)")
+    elif args.kernels == "gpu":
+        head.append("GPU kernels' rows run on the CPU here: torch._int_mm / torch._scaled_mm (a check of the rows; "
+                    "the FP8 matmul is a reference loop on a CPU, so its times mean nothing)")
+    else:
+        backend = choose_backend(args.backend)
+        head.append(f"int8 backend: {backend} ({'asked for' if args.backend != 'auto' else 'chosen for ' + isa.int8_class})")
+    head.append(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("\n".join(head) + "\n", flush=True)
     tables = []
     if args.part in ("stack", "all"):

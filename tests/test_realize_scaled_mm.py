@@ -2,7 +2,8 @@
 e4m3) run on the CPU too, so a realized layer on them must compute what its fake-quant layer computes -- with
 one scale, MSQ and sink sets (slices, gather, or one call with a scale per row), dynamic per token, with the
 CUDA kernels' shape rules (padding) forced on, and with a bf16 output that puts the scales into the kernel.
-A GPU changes only the speed (``MQUANT_TEST_DEVICE=cuda`` runs the model tests there)."""
+A GPU changes only the speed: ``MQUANT_TEST_DEVICE=cuda`` runs the layer checks below on it (the CUDA kernels'
+shape rules then apply whatever ``shape_rules`` says) and the model checks in ``test_realize_models.py``."""
 import pytest
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from fake_quant.bit_type import get_bit_type
 from fake_quant.modality import TEXT, VISUAL
 from fake_quant.quant_utils import ActQuantizer, QuantLinear, RowGroupContext
 from fake_quant.scaled_mm import Fp8Linear, IntMMLinear
+from tests import DEVICE
 from tests.test_realize import REDUCTIONS, SINK, OpRecorder, calibrated, groups_index, layer_input, realized, rel
 
 FP8 = torch.float8_e4m3fn
@@ -22,14 +24,15 @@ CASES = ["one scale", "msq+sink slices", "msq+sink gather", "msq+sink rows", "in
 
 
 def case_setup(case, fmt, w_bits, seed=0, dims=(64, 48), idx=None):
+    """A calibrated layer (on the CPU) moved to the test device, its input and row groups there."""
     ctx = RowGroupContext()
     static = case != "dynamic"
     groups = 1 if case in ("one scale", "dynamic") else 3
     ql = calibrated(static, w_bits, groups, a_sym=case != "asym activations", rotation=case == "rotation", ctx=ctx,
-                    fmt=fmt, seed=seed, dims=dims)
+                    fmt=fmt, seed=seed, dims=dims).to(DEVICE)
     idx = groups_index(contiguous="interleaved" not in case) if idx is None else idx
-    ctx.set(idx)
-    return ql, layer_input(idx, seed + 1, dims[0])
+    ctx.set(idx.to(DEVICE))
+    return ql, layer_input(idx, seed + 1, dims[0]).to(DEVICE)
 
 
 def layout_of(case):
@@ -45,6 +48,7 @@ def test_realized_layer_equals_fake_quant(backend, w_bits, fmt, case, shape_rule
         ref = ql(x)
         real, report = realized(ql, backend=backend, layout=layout_of(case), shape_rules=shape_rules)
         out = real(x)
+    assert real.kernel.w_t.device == x.device
     assert isinstance(real.kernel, {"int_mm": IntMMLinear, "fp8": Fp8Linear}[backend]) and report.backend == backend
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert rel(out, ref) < 1e-5  # only the float accumulation order differs (measured ~1.5e-7)
