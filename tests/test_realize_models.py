@@ -23,7 +23,7 @@ INT_BACKENDS = [*BACKENDS, "int_mm"] if DEVICE == "cpu" else ["int_mm"]
 
 BASE = ("--rotate --rotate_visual_clip --rotate_llm --online_llm_hadamard --online_visual_hadamard --quant "
         "--quant_llm --quant_visual_clip --quant_cross_attention --visual_static --llm_static --visual_w_rtn "
-        "--llm_w_rtn --nsamples 2 --calib_num 4").split()
+        "--llm_w_rtn --nsamples 2 --calib_num 4 --dtype float32").split()  # float32 on a GPU too: equality checks
 W4A8_AIFS_SINK = BASE + "--visual_w_bits 4 --llm_w_bits 4 --aifs --sink_scale --llm_split".split()
 W8A8_NO_AIFS = BASE + "--visual_w_bits 8 --llm_w_bits 8".split()
 
@@ -149,7 +149,7 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
         assert report.weight_bits == {8: len(real)} and all(m.num_groups in (1, 2) for m in real)
         assert set(worst) == set(report.layers) and max(worst.values()) < 1e-5
         if fp is None:
-            fp = main(family, ["--model_path", "tiny", "--output_dir", str(tmp_path / "fp")])["loaded"]
+            fp = main(family, ["--model_path", "tiny", "--dtype", "float32", "--output_dir", str(tmp_path / "fp")])["loaded"]
             out_fp = logits(fp.model, batches)
         assert rel(out["gather"], ref) < 0.5 * rel(ref, out_fp)
         if backend == choose_backend("auto", DEVICE):
