@@ -235,3 +235,22 @@ def test_a_single_input_column_is_computed_right(backend, fmt):
         real, _ = realized(ql, backend=backend, layout="rows")
         assert real.kernel.k_pad == 1
         assert rel(real(x), ref) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,w_bits,fmt", [("int_mm", 8, "int"), ("fp8", 4, "e4m3")])
+@pytest.mark.parametrize("layout", ["rows", "slices"])
+def test_fused_quantization_equals_fake_quant(backend, w_bits, fmt, layout):
+    """torch.compile of the int8 / e4m3 quantize steps (one loop; on a GPU a Triton kernel): the same codes as the
+    eager passes (slow: it compiles)."""
+    ctx = RowGroupContext()
+    ql = calibrated(groups=3, w_bits=w_bits, ctx=ctx, fmt=fmt)
+    dyn = calibrated(static=False, w_bits=w_bits, ctx=ctx, seed=1, fmt=fmt)
+    idx = groups_index()
+    x = layer_input(idx, 7)
+    ctx.set(idx)
+    with torch.no_grad():
+        refs = ql(x), dyn(x)
+        outs = (realized(ql, backend=backend, fuse=True, layout=layout)[0](x),
+                realized(dyn, backend=backend, fuse=True)[0](x))
+    assert all(rel(o, r) < 1e-5 for o, r in zip(outs, refs))
