@@ -367,6 +367,7 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     lines.append(f"repeats per row: {len(settings[0].times['eager'])} (interleaved); spread (max/min) of the rows: "
                  + ", ".join(f"{s.name.split(' (')[0]} {max(v) / min(v):.2f}" for s in settings
                              for m, v in s.times.items() if m == "eager"))
+    lines += paired_ratios(settings, modes)
     lines += ["", "Realized vs fake quantization on a held-out prompt (fp32, relative): the logits; the fake-quant "
               "model's own logit change when every quantized layer's input is changed by 1e-7 (relative, elementwise: "
               "the float sensitivity of a quantized model, where a code on a rounding boundary flips); the worst realized layer against its fake-quant layer "
@@ -379,6 +380,38 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
                          f"{s.kl[0]:.2e} | {s.kl[1]:.2e} |")
     lines.append(f"(KL: next-token distributions of {settings[-1].kl[2]} held-out prompt(s), mean)")
     return "\n".join(lines)
+
+
+def median_interval(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """The median and a 95% percentile-bootstrap interval of it (rounds drawn with replacement)."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    return statistics.median(values), meds[int(0.025 * draws)], meds[int(0.975 * draws) - 1]
+
+
+def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
+    """Each static row against the one-scale row of its kernel family, round by round: within a round the rows ran
+    seconds apart, so the machine's slow drifts cancel in the ratio. Median over rounds and its 95% interval."""
+    one = {s.quant.get("backend"): s for s in settings
+           if s.quant and s.quant["static"] and not s.quant.get("msq", True)}
+    rows = [(s, one[s.quant.get("backend")]) for s in settings
+            if s.quant and s.quant["static"] and s.quant.get("backend") in one and s is not one[s.quant.get("backend")]]
+    rounds = min((len(v) for s in settings for v in s.times.values()), default=0)
+    if not rows or rounds < 3:
+        return []
+    lines = ["", f"Paired per-round time ratios against the one-scale row of the same kernels (row / one scale, "
+             f"{rounds} rounds; > 1 is slower): median and 95% bootstrap interval of the median.", "",
+             "| setting | mode | ratio | 95% interval |", "|---|---|---|---|"]
+    for s, ref in rows:
+        for m in modes:
+            if m not in s.times or m not in ref.times:
+                continue
+            med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], ref.times[m])])
+            mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+            lines.append(f"| {s.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    return lines
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

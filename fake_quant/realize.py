@@ -415,7 +415,8 @@ def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: 
             raise ValueError(f"its activations are on the {aq.bit_type} grid, which the {backend} kernel does not "
                              "take (e4m3 activations run on fp8, integer ones on the others)")
         kernel = SCALED_MM_KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse,
-                                            device=device or ql.weight.device, shape_rules=opts.shape_rules)
+                                            device=device or ql.weight.device, shape_rules=opts.shape_rules,
+                                            asymmetric=aq.static and not aq.bit_type.signed)
     else:
         kernel = KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse)
     rotation = ql.online_rotation if ql.use_online_rotation else None

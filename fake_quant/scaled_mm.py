@@ -71,8 +71,36 @@ def quantize_rows_fp8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
+def int_mm_epilogue(acc: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, w_sum: torch.Tensor,
+                    w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(acc - shift * w_sum) * scale * w_scale + bias`` in float32, cast to ``out_dtype`` (``shift``: the
+    activation zero point on int8, None for symmetric grids; ``scale`` / ``shift`` 0-d or one per row)."""
+    y = acc.float()
+    if shift is not None:
+        y = y - shift * w_sum
+    y = y * (scale * w_scale)
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+def scale_epilogue(y: torch.Tensor, scale: torch.Tensor | None, w_scale: torch.Tensor | None,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """What a kernel left to do after it: the row / channel scales (None: applied inside it), the bias, the cast."""
+    y = y.float()
+    if scale is not None:
+        y = y * scale
+    if w_scale is not None:
+        y = y * w_scale
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
+# compiled with the quantizers under --real_quant_fuse: each epilogue is one pass over the output
 quantizer_registry.update({"s8": quantize_s8, "rows_s8": quantize_rows_s8, "fp8": quantize_fp8,
-                           "rows_fp8": quantize_rows_fp8})
+                           "rows_fp8": quantize_rows_fp8, "int_mm_epilogue": int_mm_epilogue,
+                           "scale_epilogue": scale_epilogue})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +125,9 @@ class EpilogueLinear(Int8Linear):
     min_rows = 0   # the kernel needs more rows than this (padded with zero rows)
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool,
-                 device: torch.device | str = "cpu", shape_rules: bool | None = None) -> None:
+                 device: torch.device | str = "cpu", shape_rules: bool | None = None, asymmetric: bool = False) -> None:
         super().__init__(codes, w_scale, bias, fuse)
+        self.asymmetric = asymmetric  # activations on an unsigned grid with a zero point (int_mm only)
         device = torch.device(device)
         self.device = device
         self.shape_rules = device.type == "cuda" if shape_rules is None else shape_rules
@@ -109,6 +138,7 @@ class EpilogueLinear(Int8Linear):
         self.n_pad = _round_up(self.out_features, nm) - self.out_features
         self.w_scale = self.w_scale.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
+        self.w_scale_n = self.w_scale.reshape(1, -1)  # the real outputs' scales, for epilogues after the kernel
         self.w_scale_row = F.pad(self.w_scale, (0, self.n_pad), value=1.0).reshape(1, -1).contiguous()
         self._pick_quantizers()
 
@@ -123,15 +153,19 @@ class EpilogueLinear(Int8Linear):
             xf = F.pad(xf, (0, self.k_pad, 0, extra_rows))
         return xf, rows
 
-    def _finish(self, y: torch.Tensor, rows: int, out_dtype: torch.dtype) -> torch.Tensor:
-        if self.n_pad or y.shape[0] != rows:
-            y = y[:rows, :self.out_features]
-        if self.bias is not None:
-            y = y + self.bias if y.dtype == torch.float32 else (y.float() + self.bias)
-        return y.to(out_dtype)
+    def _unpad(self, y: torch.Tensor, rows: int) -> torch.Tensor:
+        """The kernel's output without the rows and columns its shape rules added (a view)."""
+        return y[:rows, :self.out_features] if (self.n_pad or y.shape[0] != rows) else y
+
+    @staticmethod
+    def _rows(v: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        return v[:rows] if v is not None and v.dim() and v.shape[0] != rows else v
 
     def static(self, x, scale, zero, out_dtype):
         return self.static_rows(x, scale, zero, out_dtype)
+
+    def _pick_quantizers(self) -> None:
+        self._epilogue = quantizer("scale_epilogue", self.fuse)
 
     def static_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
@@ -145,30 +179,31 @@ class IntMMLinear(EpilogueLinear):
     k_multiple = n_multiple = 8
     min_rows = 16
 
-    def __init__(self, codes, w_scale, bias, fuse, device="cpu", shape_rules=None) -> None:
-        super().__init__(codes, w_scale, bias, fuse, device, shape_rules)
+    def __init__(self, codes, w_scale, bias, fuse, device="cpu", shape_rules=None, asymmetric=False) -> None:
+        super().__init__(codes, w_scale, bias, fuse, device, shape_rules, asymmetric)
         w = self._pad_weight(codes.to(self.device))
         self.w_t = w.t()  # [K, N] column-major: the layout cuBLASLt's int8 GEMM wants
         # the zero point's share of each output: sum over k of the weight codes (int32 is exact)
-        self.w_sum = w.sum(dim=1, dtype=torch.int32).float().reshape(1, -1)
+        self.w_sum = w[:self.out_features].sum(dim=1, dtype=torch.int32).float().reshape(1, -1)
 
     def _pick_quantizers(self) -> None:
         self._q = quantizer("s8", self.fuse)
         self._q_rows = quantizer("rows_s8", self.fuse)
+        self._epilogue = quantizer("int_mm_epilogue", self.fuse)
 
     def static_rows(self, x, scale, zero, out_dtype):
         xf, rows = self._pad_input(x)
         scale, zero = _per_row(scale, xf.shape[0], 1.0), _per_row(zero, xf.shape[0], SIGNED_ZERO)
-        y = torch._int_mm(self._q(xf, scale, zero), self.w_t).float()
-        shift = zero - SIGNED_ZERO  # the codes' zero point on int8: 0 for symmetric activations
-        if shift.dim() or float(shift) != 0.0:
-            y = y.sub_(shift * self.w_sum)
-        return self._finish(y.mul_(scale * self.w_scale_row), rows, out_dtype)
+        acc = self._unpad(torch._int_mm(self._q(xf, scale, zero), self.w_t), rows)
+        # symmetric grids: the codes' zero point on int8 is 0 (known here, so no check of the value at run time)
+        shift = self._rows(zero - SIGNED_ZERO, rows) if self.asymmetric else None
+        return self._epilogue(acc, self._rows(scale, rows), shift, self.w_sum, self.w_scale_n, self.bias, out_dtype)
 
     def dynamic(self, x, clip, out_dtype):
         xf, rows = self._pad_input(x)
         q, row_scale = self._q_rows(xf, clip)
-        return self._finish(torch._int_mm(q, self.w_t).float().mul_(row_scale * self.w_scale_row), rows, out_dtype)
+        acc = self._unpad(torch._int_mm(q, self.w_t), rows)
+        return self._epilogue(acc, row_scale[:rows], None, self.w_sum, self.w_scale_n, self.bias, out_dtype)
 
 
 class Fp8Linear(EpilogueLinear):
@@ -177,12 +212,14 @@ class Fp8Linear(EpilogueLinear):
     name = "fp8"
     k_multiple = n_multiple = 16
 
-    def __init__(self, codes, w_scale, bias, fuse, device="cpu", shape_rules=None) -> None:
+    def __init__(self, codes, w_scale, bias, fuse, device="cpu", shape_rules=None, asymmetric=False) -> None:
+        if asymmetric:
+            raise ValueError("the e4m3 grid is symmetric: the fp8 kernel takes no activation zero point")
         if codes.numel() and int(codes.short().abs().max()) > FP8_WEIGHT_CODE_MAX:
             raise ValueError(f"weight codes up to {int(codes.short().abs().max())} are not exact in e4m3 (only integers up "
                              f"to {FP8_WEIGHT_CODE_MAX}): the fp8 kernel serves weights of at most 5 bits; run "
                              "8-bit weights on the int_mm backend")
-        super().__init__(codes, w_scale, bias, fuse, device, shape_rules)
+        super().__init__(codes, w_scale, bias, fuse, device, shape_rules, asymmetric)
         w = self._pad_weight(codes.to(self.device)).to(FP8)
         self.w_t = w.t()  # [K, N] column-major, as _scaled_mm requires
         self.one = torch.ones((), device=self.device)
@@ -190,27 +227,30 @@ class Fp8Linear(EpilogueLinear):
     def _pick_quantizers(self) -> None:
         self._q = quantizer("fp8", self.fuse)
         self._q_rows = quantizer("rows_fp8", self.fuse)
+        self._epilogue = quantizer("scale_epilogue", self.fuse)
 
-    def _mm(self, q: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """``q @ w * row_scale * w_scale`` (``row_scale`` 0-d or ``[rows, 1]``)."""
+    def _mm(self, q: torch.Tensor, row_scale: torch.Tensor, rows: int, out_dtype: torch.dtype) -> torch.Tensor:
+        """``q @ w * row_scale * w_scale + bias`` (``row_scale`` 0-d or ``[rows, 1]``)."""
         if out_dtype == torch.bfloat16:  # rowwise scales inside the kernel (cuBLAS: bf16 output only)
             scale_a = row_scale.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
-            return torch._scaled_mm(q, self.w_t, scale_a=scale_a, scale_b=self.w_scale_row, out_dtype=out_dtype)
+            y = self._unpad(torch._scaled_mm(q, self.w_t, scale_a=scale_a, scale_b=self.w_scale_row,
+                                             out_dtype=out_dtype), rows)
+            return y if self.bias is None else self._epilogue(y, None, None, self.bias, out_dtype)
         if row_scale.dim() == 0:  # tensorwise: the activation scale in the kernel, the channel scales after
             y = torch._scaled_mm(q, self.w_t, scale_a=row_scale, scale_b=self.one, out_dtype=torch.float32)
-            return y.mul_(self.w_scale_row)
+            return self._epilogue(self._unpad(y, rows), None, self.w_scale_n, self.bias, out_dtype)
         y = torch._scaled_mm(q, self.w_t, scale_a=self.one, scale_b=self.one, out_dtype=torch.float32)
-        return y.mul_(row_scale * self.w_scale_row)
+        return self._epilogue(self._unpad(y, rows), row_scale[:rows], self.w_scale_n, self.bias, out_dtype)
 
     def static_rows(self, x, scale, zero, out_dtype):
         xf, rows = self._pad_input(x)
         scale = _per_row(scale, xf.shape[0], 1.0)
-        return self._finish(self._mm(self._q(xf, scale), scale, out_dtype), rows, out_dtype)
+        return self._mm(self._q(xf, scale), scale, rows, out_dtype)
 
     def dynamic(self, x, clip, out_dtype):
         xf, rows = self._pad_input(x)
         q, row_scale = self._q_rows(xf, clip)
-        return self._finish(self._mm(q, row_scale, out_dtype), rows, out_dtype)
+        return self._mm(q, row_scale, rows, out_dtype)
 
 
 def fp8_supported(device: torch.device) -> str | None:
