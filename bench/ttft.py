@@ -399,11 +399,11 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
     rows = [(s, one[s.quant.get("backend")]) for s in settings
             if s.quant and s.quant["static"] and s.quant.get("backend") in one and s is not one[s.quant.get("backend")]]
     rounds = min((len(v) for s in settings for v in s.times.values()), default=0)
-    if not rows or rounds < 3:
+    if not one or rounds < 3:
         return []
     lines = ["", f"Paired per-round time ratios against the one-scale row of the same kernels (row / one scale, "
              f"{rounds} rounds; > 1 is slower): median and 95% bootstrap interval of the median.", "",
-             "| setting | mode | ratio | 95% interval |", "|---|---|---|---|"]
+             "| setting | mode | ratio | 95% interval |", "|---|---|---|---|"] if rows else []
     for s, ref in rows:
         for m in modes:
             if m not in s.times or m not in ref.times:
@@ -411,6 +411,27 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
             med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], ref.times[m])])
             mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
             lines.append(f"| {s.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    # the targets' speed-ups of one static scale, paired the same way (> 1: one scale is faster)
+    fp = [s for s in settings if not s.quant]
+    speedups = []
+    for ref in one.values():
+        for m in modes:
+            if m not in ref.times:
+                continue
+            base = min(fp, key=lambda s: statistics.median(s.times["eager"]))
+            others = [(f"{base.name} / one scale", base.times["eager"])]
+            dyn = next((d for d in settings if d.quant and not d.quant["static"]
+                        and d.quant.get("backend") == ref.quant.get("backend")), None)
+            if dyn is not None and m in dyn.times:
+                others.append(("dynamic / one scale", dyn.times[m]))
+            for label, times in others:
+                med, lo, hi = median_interval([a / b for a, b in zip(times, ref.times[m])])
+                mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+                speedups.append(f"| {ref.name}: {label} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    if speedups:
+        lines += ["", f"Speed-ups of one static scale, paired per round ({rounds} rounds; > 1: one scale is faster), "
+                  "median and 95% bootstrap interval:", "",
+                  "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *speedups]
     return lines
 
 
