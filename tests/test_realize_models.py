@@ -115,14 +115,22 @@ def test_qwen2vl_negative_control_swapped_modality_scales_change_the_logits(qwen
             set_module(loaded.model, n, m)
 
 
-def test_qwen2vl_realized_generation_matches_fake_quant(qwen2vl_w4a8):
-    """Decode steps (text rows only, through the KV cache of an AIFS-reordered prefill) on the int8 kernels."""
+@pytest.mark.parametrize("kernels", ["auto", "int_mm, CUDA shape rules"])
+def test_qwen2vl_realized_generation_matches_fake_quant(qwen2vl_w4a8, kernels):
+    """Decode steps (text rows only, through the KV cache of an AIFS-reordered prefill) on the int8 kernels; with
+    int_mm under the CUDA shape rules each one-row decode step is padded to the kernel's minimum rows."""
+    from fake_quant.realize import RealizeOptions, realize
+
     loaded, _, batches, _, cfg = qwen2vl_w4a8
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
     with torch.no_grad():
         ref = loaded.model.generate(**batches[0], **gen)
         originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
-        pipeline.realize(cfg, loaded)
+        if kernels == "auto":
+            pipeline.realize(cfg, loaded)
+        else:
+            realize(loaded.model, RealizeOptions(backend="int_mm", layout="rows", shape_rules=True))
+            assert all(m.kernel.shape_rules for m in loaded.model.modules() if isinstance(m, RealQuantLinear))
         try:
             out = loaded.model.generate(**batches[0], **gen)
         finally:
