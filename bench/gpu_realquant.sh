@@ -5,7 +5,11 @@
 #      visual tokens plus 50 text tokens (BF16 against int8 and FP8, static / MSQ / AIFS / dynamic).
 # Output: OUT/tests.log, OUT/ttft.md, OUT/ttft.json (OUT defaults to outputs/gpu).
 # Needs: a CUDA GPU (FP8 rows: compute capability 8.9 or newer), torch with CUDA, and the packages of
-# requirements.txt (transformers 5.24) for the Python that runs it (PYTHON, default python3).
+# requirements.txt (transformers 5.24) for the Python that runs it (PYTHON, default python3). Only transformers
+# is version-sensitive here (huggingface-hub >= 1.31, tokenizers 0.23, safetensors 0.8 are its needs). On a
+# machine with another transformers and no index to install from, bring its wheel along
+# (`pip download --no-deps transformers==5.24.0 -d wheels` where there is one) and run this after
+# `pip install --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

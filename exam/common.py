@@ -514,7 +514,8 @@ def _summary(r: dict, path: str) -> str:
                          f"{iv['high']:.2f}")
     if r.get("real_quant"):
         rq = r["real_quant"]
-        lines.append(f"real int8 execution: {len(rq['layers'])} linears on {rq['backend']} ({rq['isa']})")
+        kind = "FP8" if rq["backend"] == "fp8" else "int8"
+        lines.append(f"real {kind} execution: {len(rq['layers'])} linears on {rq['backend']} ({rq['isa']})")
     lines.append(f"stages: {secs}; total {r['total_seconds']:.1f}s; peak RSS {r['memory']['peak_rss_mb']:.0f} MB")
     lines.append(f"results: {path}")
     return "\n".join(lines)
