@@ -93,6 +93,7 @@ def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: i
 
 
 _COMPILED: dict[str, Callable] = {}
+RECOMPILE_LIMIT = 64
 # every activation quantizer a kernel may ask for by name (fake_quant.scaled_mm adds its own)
 quantizer_registry: dict[str, Callable] = {"u8": quantize_u8, "rows_u8": quantize_rows_u8,
                                            "rows_float": quantize_rows_float, "float_grid": quantize_float_grid}
@@ -105,6 +106,11 @@ def quantizer(name: str, fuse: bool) -> Callable:
     if not fuse:
         return fn
     if name not in _COMPILED:
+        # one function serves every layer and call: float32 and bf16 inputs, a scalar scale or one per row, runs of
+        # one row (specialized by the compiler) -- more variants than Dynamo's default limit of 8 per function
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _COMPILED[name]
 

@@ -256,3 +256,19 @@ def test_fused_quantization_equals_fake_quant(backend, w_bits, fmt, layout):
         outs = (realized(ql, backend=backend, fuse=True, layout=layout)[0](x),
                 realized(dyn, backend=backend, fuse=True)[0](x))
     assert all(rel(o, r) < 1e-5 for o, r in zip(outs, refs))
+
+
+@pytest.mark.slow
+def test_one_compiled_quantizer_serves_more_variants_than_dynamos_default_limit():
+    """Every layer shares one compiled quantize function; a model calls it with float32 and bf16 inputs, a scalar
+    scale or one per row, and runs of one row, which the compiler specializes: 12 variants here, more than
+    Dynamo's default 8 (the GPU rows of bench/ttft.py stopped on that limit before it was raised)."""
+    from fake_quant.int8_kernels import quantizer
+
+    fused, eager = quantizer("fp8", True), quantizer("fp8", False)
+    g = torch.Generator().manual_seed(12)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for rows in (1, 7):
+            x = (torch.randn(rows, 32, generator=g) * 10).to(dtype)
+            for scale in (torch.tensor(0.05), torch.rand(rows, 1, generator=g) * 0.1 + 0.01):
+                assert torch.equal(fused(x, scale).float(), eager(x, scale).float())
