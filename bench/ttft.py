@@ -181,6 +181,16 @@ class RssPeak:
         return False
 
 
+class NoRss:
+    base = peak = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def linear_bytes(model: torch.nn.Module, under: str) -> int:
     """Bytes of the linear weights under ``under`` (the decoder layers): floating point, or int8 codes plus
     their fp32 scales and bias once realized."""
@@ -311,7 +321,8 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     before = torch.cuda.memory_allocated(device)
-                with RssPeak() as rss:
+                # on a GPU the host's resident set says nothing and the sampling thread would compete with launches
+                with (RssPeak() if device.type == "cpu" else NoRss()) as rss:
                     t0 = time.perf_counter()
                     forward(s.model, inputs, s.dtype)
                     sync(device)
@@ -470,10 +481,12 @@ class GivenFeatures:
         sizes = (image_grid_thw.prod(-1) // 4).tolist()
         out = []
         for n in sizes:
-            if n not in self.cache:
+            key = (n, pixel_values.device, pixel_values.dtype)  # on the device already: no copy inside a timing
+            if key not in self.cache:
                 g = torch.Generator().manual_seed(n)
-                self.cache[n] = FEATURE_SCALE * torch.randn(n, self.hidden, generator=g) * 0.02
-            out.append(self.cache[n].to(pixel_values.device, pixel_values.dtype))
+                feats = FEATURE_SCALE * torch.randn(n, self.hidden, generator=g) * 0.02
+                self.cache[key] = feats.to(pixel_values.device, pixel_values.dtype)
+            out.append(self.cache[key])
         return BaseModelOutputWithPooling(pooler_output=tuple(out))
 
 
@@ -553,7 +566,8 @@ def with_input_noise(model: torch.nn.Module, run, size: float = 1e-7):
 
     def perturb(module, args):
         x = args[0]
-        return (x * (1 + size * torch.randn(x.shape, generator=g, dtype=x.dtype)), *args[1:])
+        noise = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)  # the same draw on every device
+        return (x * (1 + size * noise), *args[1:])
 
     hooks = [m.register_forward_pre_hook(perturb) for m in model.modules() if isinstance(m, QuantLinear)]
     try:

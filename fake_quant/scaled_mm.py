@@ -19,7 +19,7 @@ only up to 16 in magnitude, so this kernel serves weights of at most 5 bits (the
 weights run on ``int_mm``. The activations must have been calibrated on the e4m3 grid (``--a_format e4m3``):
 int8 activation codes are not e4m3 numbers. With a bf16 output the scales go into the kernel (rowwise:
 ``scale_a [M, 1]``, ``scale_b [1, N]``); otherwise the kernel runs at scale 1 into float32 and the scales are
-applied after it (cuBLAS's rowwise FP8 writes bf16 only).
+applied after it (torch's CUTLASS rowwise FP8 path writes bf16 only).
 
 On CUDA the kernels' shape rules are met by zero padding (``_scaled_mm``: K and N multiples of 16;
 ``_int_mm``: M above 16, K and N multiples of 8). The weights are padded once; an input is padded only when
@@ -147,6 +147,8 @@ class EpilogueLinear(Int8Linear):
 
     def _pad_input(self, xf: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Pad the float input's columns to the kernel's multiple and its rows above ``min_rows``."""
+        if xf.stride(-1) != 1:  # cuBLASLt multiplies a row-major activation by the column-major weight only
+            xf = xf.contiguous()
         rows = xf.shape[0]
         extra_rows = (_round_up(self.min_rows + 1, 8) - rows) if self.shape_rules and rows <= self.min_rows else 0
         if self.k_pad or extra_rows:
@@ -231,7 +233,7 @@ class Fp8Linear(EpilogueLinear):
 
     def _mm(self, q: torch.Tensor, row_scale: torch.Tensor, rows: int, out_dtype: torch.dtype) -> torch.Tensor:
         """``q @ w * row_scale * w_scale + bias`` (``row_scale`` 0-d or ``[rows, 1]``)."""
-        if out_dtype == torch.bfloat16:  # rowwise scales inside the kernel (cuBLAS: bf16 output only)
+        if out_dtype == torch.bfloat16:  # rowwise scales inside the kernel (bf16: the output every rowwise path takes)
             scale_a = row_scale.reshape(-1, 1).expand(q.shape[0], 1).contiguous()
             y = self._unpad(torch._scaled_mm(q, self.w_t, scale_a=scale_a, scale_b=self.w_scale_row,
                                              out_dtype=out_dtype), rows)

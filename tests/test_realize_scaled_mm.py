@@ -272,3 +272,28 @@ def test_one_compiled_quantizer_serves_more_variants_than_dynamos_default_limit(
             x = (torch.randn(rows, 32, generator=g) * 10).to(dtype)
             for scale in (torch.tensor(0.05), torch.rand(rows, 1, generator=g) * 0.1 + 0.01):
                 assert torch.equal(fused(x, scale).float(), eager(x, scale).float())
+
+
+@pytest.mark.parametrize("backend,w_bits,fmt", [("int_mm", 8, "int"), ("fp8", 4, "e4m3")])
+def test_a_column_major_input_is_made_row_major_first(backend, w_bits, fmt):
+    """cuBLASLt multiplies a row-major activation by the column-major weight only; an input with other strides is
+    copied to row-major before it is quantized, and the result is the same."""
+    ql, x = case_setup("one scale", fmt, w_bits, seed=13)
+    x2d = x.reshape(-1, x.shape[-1])
+    col = x2d.t().contiguous().t()  # the same values, column-major
+    assert col.stride(-1) != 1
+    with torch.no_grad():
+        ref = ql(x2d)
+        real, _ = realized(ql, backend=backend, shape_rules=True)
+        seen = []
+
+        class Spy(OpRecorder):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._overloadpacket.__name__ in ("_int_mm", "_scaled_mm"):
+                    seen.append(args[0].stride())
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            out = real(col)
+    assert seen and all(st[-1] == 1 for st in seen)
+    assert rel(out, ref) < 1e-5
