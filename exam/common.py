@@ -155,8 +155,8 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
                         "int_mm (torch._int_mm) on a GPU, oneDNN on a CPU with VNNI or AMX, fbgemm on other CPUs")
     g.add_argument("--real_quant_layout", default="auto", choices=["auto", "slices", "gather", "rows"],
                    help="how a layer with several static scale sets (MSQ, --sink_scale) runs its rows. auto: one "
-                        "call with a scale per row on int_mm / fp8; on oneDNN / fbgemm contiguous slices with "
-                        "--aifs, gather and scatter without")
+                        "call with a scale per row on int_mm / fp8; on oneDNN / fbgemm, per forward, its contiguous "
+                        "runs as slices when they are few (always with --aifs) and gathered and scattered otherwise")
     g.add_argument("--real_quant_fuse", action="store_true",
                    help="with --real_quant: compile each activation quantization into one loop (torch.compile; "
                         "needs a C++ compiler, compiles once per run)")

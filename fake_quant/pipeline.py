@@ -461,14 +461,14 @@ def realize(cfg: QuantConfig, loaded, backend: str = "auto", fuse: bool = False,
             report: PipelineReport | None = None, layout: str = "auto"):
     """Run the calibrated model's quantized linears on integer or FP8 kernels (:mod:`fake_quant.realize`).
     ``layout="auto"``: kernels with a row-scale epilogue (int_mm, fp8) run every row in one call with its own
-    scale; the CPU kernels run the rows of each MSQ scale set as contiguous slices with AIFS and gather them
-    without."""
+    scale; the CPU kernels slice the runs of rows of each MSQ scale set when that is a few calls (always with AIFS;
+    without it, for prompts like one image among text) and gather them otherwise."""
     from .realize import SCALED_MM_KERNELS, RealizeOptions, act_format, choose_backend, realize as realize_model
 
     device = next(loaded.model.parameters()).device
     backend = choose_backend(backend, device, act_format(cfg))
     if layout == "auto":
-        layout = "rows" if backend in SCALED_MM_KERNELS else ("slices" if cfg.aifs else "gather")
+        layout = "rows" if backend in SCALED_MM_KERNELS else "auto"
     opts = RealizeOptions(backend=backend, fuse=fuse, layout=layout)
     with Stage(report or PipelineReport(), "realize"):
         return realize_model(loaded.model, opts)

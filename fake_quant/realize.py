@@ -12,6 +12,8 @@ replaces each such :class:`~fake_quant.quant_utils.QuantLinear` by a :class:`Rea
   visual tokens first, AIFS) runs each contiguous run of rows as a view of the input; ``layout="gather"``
   (no AIFS) gathers each set's rows, runs them and scatters the outputs back; ``layout="rows"`` (kernels with
   a row-scale epilogue: ``int_mm``, ``fp8``) looks each row's scale up from its set and runs one call;
+  ``layout="auto"`` decides per forward: slices when they are few calls (see :meth:`RowPlan.few_runs`), gather
+  otherwise -- so a one-image prompt runs as slices in prompt order, with or without AIFS;
 * dynamic per-token (the baseline): row scales from the rows at run time, then the same kernel.
 
 Kernels (``backend``): ``onednn`` and ``fbgemm`` on the CPU (:mod:`fake_quant.int8_kernels`); ``int_mm`` and
@@ -42,7 +44,8 @@ log = logging.getLogger("mquant")
 
 CPU_BACKENDS = ("onednn", "fbgemm")
 BACKENDS = ("auto", *CPU_BACKENDS, *SCALED_MM_KERNELS)
-LAYOUTS = ("slices", "gather", "rows")
+LAYOUTS = ("slices", "gather", "rows", "auto")
+AUTO_MAX_RUNS = 8  # layout "auto": up to this many runs of rows are sliced even without a majority pass
 FP8_MAX_WEIGHT_BITS = 5  # integer codes up to 16 in magnitude are exact e4m3 numbers
 # the rows of the largest scale set run as one call over all rows when the others are at most this
 # fraction (their rows are then computed again with their own scale and written over): no output copy
@@ -205,6 +208,15 @@ class RowPlan:
     def majority(self) -> int:
         return max(self.counts, key=self.counts.get)
 
+    def majority_pass(self) -> bool:
+        """The sets other than the largest cover so few rows that one call over all rows with the largest set's
+        scale, plus the other runs redone, beats assembling the output run by run."""
+        return self.rows - self.counts[self.majority] <= MAJORITY_PASS_FRACTION * self.rows
+
+    def few_runs(self) -> bool:
+        """Slicing costs few kernel calls: a majority pass, or at most AUTO_MAX_RUNS runs."""
+        return self.majority_pass() or len(self.runs) <= AUTO_MAX_RUNS
+
 
 def row_plan(index: torch.Tensor) -> RowPlan:
     idx = index.reshape(-1)
@@ -305,7 +317,7 @@ class RealQuantLinear(nn.Module):
             elif self.layout == "rows":
                 index = plan.index.to(self.scale_table.device)
                 y = self.kernel.static_rows(x2d, self.scale_table[index], self.zero_table[index], dtype)
-            elif self.layout == "slices":
+            elif self.layout == "slices" or (self.layout == "auto" and plan.few_runs()):
                 y = self._slices(x2d, plan, dtype)
             else:
                 y = self._gather(x2d, plan, dtype)
@@ -313,7 +325,7 @@ class RealQuantLinear(nn.Module):
 
     def _slices(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype) -> torch.Tensor:
         major = plan.majority
-        if self.majority_pass and plan.rows - plan.counts[major] <= MAJORITY_PASS_FRACTION * plan.rows:
+        if self.majority_pass and plan.majority_pass():
             y = self._static(x2d, major, dtype)
             for a, b, g in plan.runs:
                 if g != major:

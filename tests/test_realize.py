@@ -112,7 +112,7 @@ def test_every_slice_strategy_gives_the_same_rows(backend):
         ref = ql(x)
         real, _ = realized(ql, backend=backend)
         outs = {}
-        for layout, majority in (("slices", True), ("slices", False), ("gather", True)):
+        for layout, majority in (("slices", True), ("slices", False), ("gather", True), ("auto", True)):
             real.layout, real.majority_pass = layout, majority
             outs[layout, majority] = real(x)
     plan = rz.row_plan(idx)
@@ -304,3 +304,28 @@ def test_fbgemm_kernel_quantize_differs_only_at_exact_ties():
         step = (ql.weight.abs().sum(dim=1) * scale).max()  # what moving every code by one can change per output
         diff = (fast(x_tie) - ql(x_tie)).abs()
         assert diff.max() > 0 and bool((diff <= step * 1.001).all())
+
+
+def test_auto_layout_slices_few_runs_and_gathers_many():
+    """``auto``: a prompt with few runs of rows (one image) is sliced in prompt order; one where a large minority is
+    cut into many short runs (text interleaved row by row) is gathered -- the same rows either way."""
+    few = rz.row_plan(groups_index(batch=1)[0])
+    assert few.few_runs() and len(few.runs) == 4  # sink, text, visual, text
+    many = rz.row_plan(groups_index(batch=1, contiguous=False)[0])
+    assert not many.majority_pass() and len(many.runs) > rz.AUTO_MAX_RUNS and not many.few_runs()
+    if not BACKENDS:
+        return
+    ctx = RowGroupContext()
+    ql = calibrated(ctx=ctx)
+    with torch.no_grad():
+        for contiguous in (True, False):
+            idx = groups_index(contiguous=contiguous)
+            x = layer_input(idx, 9)
+            ctx.set(idx)
+            ref = ql(x)
+            real, _ = realized(ql, layout="auto")
+            calls = []
+            real._slices = lambda *a, f=real._slices: calls.append("slices") or f(*a)
+            real._gather = lambda *a, f=real._gather: calls.append("gather") or f(*a)
+            assert rel(real(x), ref) < 1e-5
+            assert calls == ["slices" if contiguous else "gather"]

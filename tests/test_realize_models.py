@@ -53,7 +53,7 @@ def realized_logits(cfg, loaded, batches, backend, layouts=None):
     """Realize; per layout the logits and each realized layer's error against its fake-quant layer on the very
     same input (the forward's own row groups included); then put the fake-quant layers back."""
     if layouts is None:
-        layouts = ("slices", "gather", "rows") if backend in SCALED_MM_KERNELS else ("slices", "gather")
+        layouts = ("slices", "gather", "rows") if backend in SCALED_MM_KERNELS else ("slices", "gather", "auto")
     originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
     report = pipeline.realize(cfg, loaded, backend)
     real = {n: m for n, m in loaded.model.named_modules() if isinstance(m, RealQuantLinear)}
@@ -153,7 +153,7 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
     loaded, _, batches, ref, cfg = fake_quant_run(tmp_path, family, W8A8_NO_AIFS, "fake")
     fp = out_fp = None
     for backend in INT_BACKENDS:
-        report, real, out, worst = realized_logits(cfg, loaded, batches, backend, layouts=("gather",))
+        report, real, out, worst = realized_logits(cfg, loaded, batches, backend, layouts=("gather", "slices"))
         assert report.weight_bits == {8: len(real)} and all(m.num_groups in (1, 2) for m in real)
         assert set(worst) == set(report.layers) and max(worst.values()) < 1e-5
         if fp is None:
@@ -167,12 +167,11 @@ def test_w8a8_msq_without_aifs_realized_equals_fake_quant(tmp_path, family):
     real_model = cli["loaded"].model
     real = [m for m in real_model.modules() if isinstance(m, RealQuantLinear)]
     auto_backend = choose_backend("auto", DEVICE)
-    assert real and all(m.layout == ("rows" if auto_backend in SCALED_MM_KERNELS else "gather") for m in real)
+    # a one-image prompt: few runs, so the CPU kernels slice them in prompt order ("auto"), the GPU ones take a
+    # scale per row; either way the rows gathered above, in another order of float operations
+    assert real and all(m.layout == ("rows" if auto_backend in SCALED_MM_KERNELS else "auto") for m in real)
     assert not any(isinstance(m, QuantLinear) and m.input_quantizer is not None for m in real_model.modules())
-    if auto_backend in SCALED_MM_KERNELS:  # one call with a scale per row instead of gathered rows
-        assert rel(logits(real_model, batches), auto) < 1e-5
-    else:
-        assert torch.equal(logits(real_model, batches), auto)
+    assert rel(logits(real_model, batches), auto) < 1e-5
     rq = json.loads((tmp_path / "real" / "results.json").read_text())["real_quant"]
     assert rq["backend"] == auto_backend and len(rq["layers"]) == len(real) and rq["weight_bits"] == {"8": len(real)}
 
