@@ -56,7 +56,7 @@ MAJORITY_PASS_FRACTION = 0.125
 class RealizeOptions:
     backend: str = "auto"       # "auto": see choose_backend
     fuse: bool = False          # torch.compile the activation quantization into one loop per layer call
-    layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS), "gather" or "rows"
+    layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS), "gather", "rows", "auto"
     shape_rules: bool | None = None   # int_mm / fp8: pad to the CUDA kernels' multiples (None: on CUDA only)
     majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
     reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
