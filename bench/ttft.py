@@ -74,6 +74,7 @@ class Setting:
     gemm_times: dict[str, list[float]] = field(default_factory=dict)
     attn_times: dict[str, list[float]] = field(default_factory=dict)
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
+    fuse_rotation: bool = True   # static: quantize inside the online Hadamard transform (False: rotate, then quantize)
     peak_mem: dict[str, int] = field(default_factory=dict)  # CUDA: peak allocated bytes during the prefill
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -86,7 +87,9 @@ class Setting:
 # (name, quantization settings, [(row name suffix, MSQ row layout)] sharing one calibrated model)
 QUANT_SETTINGS = [
     ("W8A8 dynamic per-token", dict(w_bits=8, static=False), [("", None)]),
-    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False), [("", None)]),
+    ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False),
+     # the same model quantizing the rotated input in a pass of its own, as before the fusion
+     [("", None), (", rotate then quantize", None, False)]),
     ("W8A8 MSQ, no AIFS", dict(w_bits=8, static=True, msq=True, aifs=False),
      # one image is one contiguous block in prompt order already: the same model with its runs sliced
      [(" (gather)", "gather"), (", runs sliced", "slices")]),
@@ -405,8 +408,10 @@ def median_interval(values: list[float], draws: int = 4000, seed: int = 0) -> tu
 def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
     """Each static row against the one-scale row of its kernel family, round by round: within a round the rows ran
     seconds apart, so the machine's slow drifts cancel in the ratio. Median over rounds and its 95% interval."""
-    one = {s.quant.get("backend"): s for s in settings
-           if s.quant and s.quant["static"] and not s.quant.get("msq", True)}
+    one: dict = {}
+    for s in settings:  # the first one-scale row of each kernel family (its variants are compared with it)
+        if s.quant and s.quant["static"] and not s.quant.get("msq", True):
+            one.setdefault(s.quant.get("backend"), s)
     rows = [(s, one[s.quant.get("backend")]) for s in settings
             if s.quant and s.quant["static"] and s.quant.get("backend") in one and s is not one[s.quant.get("backend")]]
     rounds = min((len(v) for s in settings for v in s.times.values()), default=0)
@@ -533,7 +538,7 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
     settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
                                                                     copy.deepcopy(fp32).to(torch.bfloat16))]
     for name, q, variants in quant_settings or QUANT_SETTINGS:
-        if only and not any(o.lower() in (name + suffix).lower() for o in only for suffix, _ in variants):
+        if only and not any(o.lower() in (name + v[0]).lower() for o in only for v in variants):
             continue
         cfg = quant_config(**q, visual=visual_part)
         loaded = Loaded(copy.deepcopy(fp32), None, "bench")
@@ -545,8 +550,9 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
             noise = rel(with_input_noise(loaded.model, lambda: forward(loaded.model, probe, torch.float32)), ref)
             originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
             pipeline.realize(cfg, loaded, q.get("backend", backend))
-            for suffix, layout in variants:
-                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout)
+            for suffix, layout, *fuse in variants:
+                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout,
+                            fuse_rotation=fuse[0] if fuse else True)
                 apply_layout(v)
                 v.noise_error = noise
                 v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
@@ -609,8 +615,10 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def apply_layout(s: Setting) -> None:
     for m in s.model.modules():
-        if isinstance(m, RealQuantLinear) and s.layout is not None:
-            m.layout = s.layout
+        if isinstance(m, RealQuantLinear):
+            if s.layout is not None:
+                m.layout = s.layout
+            m.fuse_rotation = s.fuse_rotation
 
 
 def choose_fp_dtype(settings: list[Setting], inputs: dict, forward,
@@ -742,7 +750,7 @@ def main() -> None:
     if device.type != "cpu" and args.part != "stack":
         ap.error(f"--part {args.part}: the GPU timings cover the random stacks only (--part stack)")
     table_rows = GPU_QUANT_SETTINGS if args.kernels == "gpu" else QUANT_SETTINGS
-    names = [n + suffix for n, _, variants in table_rows for suffix, _ in variants]
+    names = [n + v[0] for n, _, variants in table_rows for v in variants]
     args.settings = [w.strip() for w in args.settings.split(",") if w.strip()] if args.settings else None
     if args.settings and not any(any(w.lower() in n.lower() for w in args.settings) for n in names):
         ap.error(f"--settings {','.join(args.settings)}: matches none of {names}")

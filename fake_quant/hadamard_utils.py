@@ -535,12 +535,15 @@ def _factor_matrices(plan: HadamardPlan, dtype: torch.dtype, device: torch.devic
 ROW_BLOCK_ELEMENTS = 1 << 19  # rows transformed together: a block of about 2 MB (fp32) stays in cache
 
 
-def _kronecker_transform(x2d: torch.Tensor, mats: list[torch.Tensor]) -> torch.Tensor:
+def _kronecker_transform(x2d: torch.Tensor, mats: list[torch.Tensor], epilogue=None) -> torch.Tensor:
     """``x2d @ (A (x) B (x) ...).T`` as one small GEMM per factor, a block of rows at a time.
 
     A row seen as a tensor of shape ``(a, b, ...)`` is multiplied by each factor along its own axis: the last
     factor as a plain GEMM on the trailing axis, every other one as a batched ``factor @ view(lead, f, tail)``,
-    so no axis is ever moved (no transposed copies). Blocks of rows keep the intermediate results in cache."""
+    so no axis is ever moved (no transposed copies). Blocks of rows keep the intermediate results in cache.
+
+    ``epilogue(block, first_row)``, if given, is applied to each block of transformed rows while it is in cache
+    (e.g. quantizing it with a static scale) and its results are what is returned."""
     rows, n = x2d.shape
     sizes = [m.shape[0] for m in mats]
     step = max(1, ROW_BLOCK_ELEMENTS // n)
@@ -554,10 +557,16 @@ def _kronecker_transform(x2d: torch.Tensor, mats: list[torch.Tensor]) -> torch.T
         return y.reshape(r, n)
 
     if rows <= step:
-        return block(x2d)
-    out = torch.empty((rows, n), dtype=torch.result_type(x2d, mats[0]), device=x2d.device)
+        y = block(x2d)
+        return y if epilogue is None else epilogue(y, 0)
+    out = None
     for i in range(0, rows, step):
-        out[i:i + step] = block(x2d[i:i + step])
+        y = block(x2d[i:i + step])
+        if epilogue is not None:
+            y = epilogue(y, i)
+        if out is None:
+            out = torch.empty((rows, y.shape[1]), dtype=y.dtype, device=y.device)
+        out[i:i + step] = y
     return out
 
 
@@ -598,9 +607,11 @@ def _kernel_applies(x: torch.Tensor, plan: HadamardPlan) -> bool:
 
 
 def hadamard_transform(x: torch.Tensor, normalize: bool = True, plan: HadamardPlan | None = None,
-                       fallback: str = "error") -> torch.Tensor:
+                       fallback: str = "error", epilogue=None) -> torch.Tensor:
     """``x @ H.T`` (divided by sqrt(n) when ``normalize``) along the last dimension, for any
-    supported n and any leading shape. With a ``"pad"`` plan the output is ``plan.out_dim`` wide."""
+    supported n and any leading shape. With a ``"pad"`` plan the output is ``plan.out_dim`` wide.
+    ``epilogue(rows, first_row)`` is applied to the transformed rows (``[rows, out_dim]``), block by block while
+    they are in cache on the torch path, to the whole result after the CUDA kernel."""
     n = x.shape[-1]
     plan = plan or get_plan(n, fallback)
     if plan.n != n:
@@ -614,9 +625,12 @@ def hadamard_transform(x: torch.Tensor, normalize: bool = True, plan: HadamardPl
         y = kernel(x.reshape(-1, plan.k, plan.p).contiguous(), scale)
         if plan.k > 1:
             y = torch.matmul(plan.block.to(device=y.device, dtype=y.dtype), y)
+        if epilogue is not None:
+            y = epilogue(y.reshape(-1, plan.out_dim), 0)
     else:
-        y = _kronecker_transform(x.reshape(-1, plan.out_dim), _factor_matrices(plan, x.dtype, x.device, scale))
-    return y.reshape(*lead, plan.out_dim)
+        y = _kronecker_transform(x.reshape(-1, plan.out_dim), _factor_matrices(plan, x.dtype, x.device, scale),
+                                 epilogue)
+    return y.reshape(*lead, y.shape[-1])  # out_dim wide, or what the epilogue made of it
 
 
 class OnlineHadamard(nn.Module):
@@ -630,10 +644,15 @@ class OnlineHadamard(nn.Module):
         self.fp32 = fp32
         self.plan = get_plan(n, fallback)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, epilogue=None) -> torch.Tensor:
+        """The transform; ``epilogue(rows, first_row)`` as in :func:`hadamard_transform`, fed the rows in ``x``'s
+        dtype (after the float32 transform's cast back with ``fp32=True``)."""
         if self.fp32 and x.dtype != torch.float32:
-            return hadamard_transform(x.float(), plan=self.plan).to(x.dtype)
-        return hadamard_transform(x, plan=self.plan)
+            if epilogue is None:
+                return hadamard_transform(x.float(), plan=self.plan).to(x.dtype)
+            return hadamard_transform(x.float(), plan=self.plan,
+                                      epilogue=lambda y, first: epilogue(y.to(x.dtype), first))
+        return hadamard_transform(x, plan=self.plan, epilogue=epilogue)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, {self.plan.kind}, K={self.plan.k}, fp32={self.fp32}"

@@ -131,8 +131,20 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.fuse = fuse
 
+    # the static path in two halves (quantize, then multiply), so that the quantization can run inside the op that
+    # produces the input (the online Hadamard transform, block by block): see RealQuantLinear
+    fuses_input = False
+
     def static(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``x [rows, in]`` on the uint8 grid ``(scale, zero)`` (0-d float32 tensors), times the weight, plus bias."""
+        return self.multiply_static(self.quantize_static(x, scale, zero), scale, zero, out_dtype)
+
+    def quantize_static(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The codes this kernel multiplies, for rows ``x`` (any subset of rows: it is row by row)."""
+        raise NotImplementedError
+
+    def multiply_static(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
     def dynamic(self, x: torch.Tensor, clip: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -176,9 +188,13 @@ class OneDNNInt8Linear(Int8Linear):
         return torch.ops.onednn.qlinear_pointwise(q, x_scale, x_zero, self.packed, self.w_scale, self.w_zero, bias,
                                                   1.0, 0, out_dtype, "none", [], "")
 
-    def static(self, x, scale, zero, out_dtype):
-        q = self._q(x, scale, zero)
-        return self.matmul(q, float(scale), int(zero), self.bias, out_dtype)
+    fuses_input = True
+
+    def quantize_static(self, x, scale, zero):
+        return self._q(x, scale, zero)
+
+    def multiply_static(self, codes, scale, zero, out_dtype):
+        return self.matmul(codes, float(scale), int(zero), self.bias, out_dtype)
 
     def dynamic(self, x, clip, out_dtype):
         q, row_scale = self._q_rows(x, clip)
@@ -240,19 +256,29 @@ class FbgemmInt8Linear(Int8Linear):
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x.contiguous(), x_scale, x_zero,
                                                                                    packed)
 
+    @property
+    def fuses_input(self) -> bool:  # the kernel's own quantization takes the whole input: nothing to fuse
+        return not self.kernel_quantize
+
     def static(self, x, scale, zero, out_dtype):
         if self.kernel_quantize:
             self._bias_kind(True)
             return self._run(x, float(scale), int(zero), self.packed).to(out_dtype)
-        self._bias_kind(False)
+        return super().static(x, scale, zero, out_dtype)
+
+    def quantize_static(self, x, scale, zero):
         if self.reduce_range:
             if int(zero) != SIGNED_ZERO:
                 raise ValueError("fbgemm's reduced range serves symmetric activations only (drop --a_asym)")
-            codes = self._q_grid(x, scale * 2, -64, 63)
-            return self._rescale(self._run(codes, 1.0, 64, self.packed), scale * 2, out_dtype)
+            return self._q_grid(x, scale * 2, -64, 63)
         z = int(zero)
-        codes = self._q_grid(x, scale, -z, U8_MAX - z)  # rounded like the fake quantizer; exact at scale 1
-        return self._rescale(self._run(codes, 1.0, z, self.packed), scale, out_dtype)
+        return self._q_grid(x, scale, -z, U8_MAX - z)  # rounded like the fake quantizer; exact at scale 1
+
+    def multiply_static(self, codes, scale, zero, out_dtype):
+        self._bias_kind(False)
+        if self.reduce_range:
+            return self._rescale(self._run(codes, 1.0, 64, self.packed), scale * 2, out_dtype)
+        return self._rescale(self._run(codes, 1.0, int(zero), self.packed), scale, out_dtype)
 
     def dynamic(self, x, clip, out_dtype):
         self._bias_kind(False)

@@ -58,6 +58,7 @@ class RealizeOptions:
     fuse: bool = False          # torch.compile the activation quantization into one loop per layer call
     layout: str = "slices"      # rows of several scale sets: "slices" (contiguous, AIFS), "gather", "rows", "auto"
     shape_rules: bool | None = None   # int_mm / fp8: pad to the CUDA kernels' multiples (None: on CUDA only)
+    fuse_rotation: bool = True  # static: quantize inside the online Hadamard transform, block by block (see below)
     majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
     reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
     kernel_quantize: bool = False     # fbgemm: the kernel quantizes its input (exact ties may round the other way)
@@ -273,6 +274,7 @@ class RealQuantLinear(nn.Module):
         self.online_rotation = online_rotation
         self.static = static
         self.layout, self.majority_pass = layout, majority_pass
+        self.fuse_rotation = True
         self.planner = planner
         self.default_group = default_group
         if layout == "rows" and static and not isinstance(kernel, EpilogueLinear):
@@ -301,6 +303,10 @@ class RealQuantLinear(nn.Module):
         return self.kernel.static(x, self.scales[g], self.zeros[g], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_rotation is not None and self.can_quantize_in_rotation():
+            out = self.rotate_and_quantize(x, self.online_rotation)
+            if out is not None:
+                return out[0].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.online_rotation is not None:
             x = self.online_rotation(x)
         lead = x.shape[:-1]
@@ -323,6 +329,53 @@ class RealQuantLinear(nn.Module):
                 y = self._gather(x2d, plan, dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
+    def can_quantize_in_rotation(self) -> bool:
+        return self.static and self.fuse_rotation and self.kernel.fuses_input
+
+    def rotate_and_quantize(self, x: torch.Tensor, rotation: nn.Module,
+                            skip: int = 0) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``self(rotation(x)[..., skip:])`` with the quantization inside the rotation: a static scale lets each
+        block of rotated rows be quantized while it is in cache, and the rotated rows themselves are never written
+        out (only the codes are). One scale for all rows, or a majority pass (the few other rows are kept in float
+        from the same transform and redone with their own scale). Returns the 2-D output and the rotated first
+        ``skip`` columns in float (an RMS split's branch input), or None where neither applies (the caller
+        rotates, then runs the usual path)."""
+        rows = x.numel() // x.shape[-1]
+        plan = self.planner.plan(rows) if self.num_groups > 1 and self.planner is not None else None
+        others: list[tuple[int, int, int]] = []
+        if plan is None:
+            g = self.default_group if self.num_groups > 1 else 0
+        elif len(plan.counts) == 1:
+            g = plan.runs[0][2]
+        elif self.layout in ("slices", "auto") and self.majority_pass and plan.majority_pass():
+            g = plan.majority
+            others = [r for r in plan.runs if r[2] != g]
+        else:
+            return None
+        scale, zero = self.scales[g], self.zeros[g]
+        kept: dict[int, torch.Tensor] = {}
+        skipped: list[torch.Tensor] = []
+
+        def quantize(block: torch.Tensor, first: int) -> torch.Tensor:
+            if skip:
+                skipped.append(block[:, :skip].clone())
+                block = block[:, skip:]
+            last = first + block.shape[0]
+            for a, b, _ in others:  # keep the rotated rows of the other sets, as floats
+                if a < last and b > first:
+                    lo, hi = max(a, first), min(b, last)
+                    kept[lo] = block[lo - first:hi - first].clone()
+            return self.kernel.quantize_static(block, scale, zero)
+
+        x2d = x.reshape(rows, x.shape[-1])
+        codes = rotation(x2d, epilogue=quantize)
+        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+        y = self.kernel.multiply_static(codes, scale, zero, dtype)
+        for a, b, og in others:
+            rotated = torch.cat([kept[lo] for lo in sorted(kept) if a <= lo < b])
+            y[a:b] = self._static(rotated, og, dtype)
+        return y, (torch.cat(skipped) if skip else None)
+
     def _slices(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype) -> torch.Tensor:
         major = plan.majority
         if self.majority_pass and plan.majority_pass():
@@ -344,6 +397,8 @@ class RealQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = f"static x{self.num_groups} ({self.layout})" if self.static else "dynamic per-token"
+        if self.static and self.online_rotation is not None and self.fuse_rotation and self.kernel.fuses_input:
+            mode += ", quantized inside the Hadamard transform"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel.name}, {mode}"
                 + (", reduce_range" if getattr(self.kernel, "reduce_range", False) else "")
                 + (", fused quantize" if self.kernel.fuse else ""))
@@ -437,9 +492,11 @@ def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: 
         scales = aq.scale.reshape(-1)
     else:
         scales = zeros = None
-    return RealQuantLinear(kernel, rotation, aq.static, scales, zeros,
+    real = RealQuantLinear(kernel, rotation, aq.static, scales, zeros,
                            aq.default_row_group or 0, aq.clip_ratio, planner, opts.layout, opts.majority_pass,
                            ql.weight.dtype)
+    real.fuse_rotation = opts.fuse_rotation
+    return real
 
 
 def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeReport:

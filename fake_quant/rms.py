@@ -60,6 +60,14 @@ class SplitQuantLinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # realized with a static scale, the main part quantizes its input inside the rotation (fake_quant.realize)
+        fused = getattr(self.main, "can_quantize_in_rotation", None)
+        if fused is not None and fused():
+            out = self.main.rotate_and_quantize(x, self.online_rotation, skip=1)
+            if out is not None:
+                y, lead = out
+                lead_shape = (*x.shape[:-1], self.out_features)
+                return y.reshape(lead_shape) + self.branch(lead.reshape(*x.shape[:-1], 1)).reshape(lead_shape)
         x = self.online_rotation(x)
         return self.main(x[..., 1:]) + self.branch(x[..., :1])
 

@@ -163,7 +163,7 @@ class EpilogueLinear(Int8Linear):
     def _rows(v: torch.Tensor | None, rows: int) -> torch.Tensor | None:
         return v[:rows] if v is not None and v.dim() and v.shape[0] != rows else v
 
-    def static(self, x, scale, zero, out_dtype):
+    def static(self, x, scale, zero, out_dtype):  # the quantize step is inside static_rows (padding first)
         return self.static_rows(x, scale, zero, out_dtype)
 
     def _pick_quantizers(self) -> None:

@@ -329,3 +329,100 @@ def test_auto_layout_slices_few_runs_and_gathers_many():
             real._gather = lambda *a, f=real._gather: calls.append("gather") or f(*a)
             assert rel(real(x), ref) < 1e-5
             assert calls == ["slices" if contiguous else "gather"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", ["one scale", "majority pass across blocks", "sink set only"])
+def test_quantizing_inside_the_hadamard_transform_equals_fake_quant(backend, w_bits, case, monkeypatch):
+    """With a static scale the codes are made block by block inside the online Hadamard transform (blocks of 7 rows
+    here, so runs of the other scale sets straddle block edges and the batch edge); the same numbers as rotating
+    first and as the fake-quant layer."""
+    from fake_quant import hadamard_utils
+
+    monkeypatch.setattr(hadamard_utils, "ROW_BLOCK_ELEMENTS", 64 * 7)
+    ctx = RowGroupContext()
+    groups = 1 if case == "one scale" else 3
+    ql = calibrated(groups=groups, w_bits=w_bits, rotation=True, ctx=ctx)
+    idx = groups_index(seq=64, visual=(2, 62))  # per prompt: the sink, one text row, 60 visual rows, two text rows
+    if case == "sink set only":
+        idx = torch.full_like(idx, SINK)
+    x = layer_input(idx, 14)
+    ctx.set(idx)
+    epilogues = []
+    with torch.no_grad():
+        ref = ql(x)
+        real, _ = realized(ql, backend=backend)
+        forward = real.online_rotation.forward
+
+        def spy(t, epilogue=None):
+            epilogues.append(epilogue is not None)
+            return forward(t, epilogue=epilogue)
+
+        real.online_rotation.forward = spy
+        fused = real(x)
+        assert "quantized inside the Hadamard transform" in repr(real)
+        real.fuse_rotation = False
+        unfused = real(x)
+    assert epilogues == [True, False]  # the fused path ran, then the rotate-first one
+    assert rel(fused, ref) < 1e-5 and rel(fused, unfused) < 1e-6
+
+
+def test_quantizing_inside_the_transform_is_not_used_where_it_does_not_apply():
+    """Dynamic rows need their statistics first, and an even mix of scale sets has no majority pass: both rotate
+    first."""
+    ctx = RowGroupContext()
+    dyn = calibrated(static=False, rotation=True, ctx=ctx)
+    msq = calibrated(groups=3, rotation=True, ctx=ctx, seed=1)
+    idx = groups_index()  # 24 visual rows of 40: no majority pass
+    x = layer_input(idx, 15)
+    ctx.set(idx)
+    with torch.no_grad():
+        for ql in (dyn, msq):
+            ref = ql(x)
+            real, _ = realized(ql)
+            seen = []
+            forward = real.online_rotation.forward
+            real.online_rotation.forward = lambda t, epilogue=None: seen.append(epilogue) or forward(t, epilogue)
+            assert rel(real(x), ref) < 1e-5
+            assert seen == [None]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_split_quantizes_inside_the_transform_too(backend, monkeypatch):
+    """An RMS-split layer (Hadamard -> channel 0 to a small branch, the rest to the main linear): realized with a
+    static scale, the main part's codes are made inside the transform and the branch gets the rotated channel 0 in
+    float; the same as the fake-quant split layer, with the majority pass and runs straddling blocks."""
+    from fake_quant import hadamard_utils
+    from fake_quant.rms import SplitQuantLinear
+
+    monkeypatch.setattr(hadamard_utils, "ROW_BLOCK_ELEMENTS", 64 * 7)
+    torch.manual_seed(3)
+    folded = QuantLinear(nn.Linear(64, 48), online_rotation=OnlineHadamard(64))
+    split = SplitQuantLinear(folded)
+    ctx = RowGroupContext()
+    for part, groups in ((split.main, 3), (split.branch, 3)):
+        part.input_quantizer = ActQuantizer(8, True, "tensor", static=True, num_row_groups=groups,
+                                            default_row_group=TEXT, context=ctx)
+        part.weight_quantizer = WeightQuantizer(4)
+        part.quantize_weight_()
+    idx = groups_index(seq=64, visual=(2, 62))
+    ctx.set(idx)
+    for part in (split.main, split.branch):
+        part.input_quantizer.start_calibration()
+    with torch.no_grad():
+        split(layer_input(idx, 100))
+    for part in (split.main, split.branch):
+        part.input_quantizer.freeze()
+    x = layer_input(idx, 16)
+    holder = nn.Sequential(split)
+    calls = []
+    with torch.no_grad():
+        ref = split(x)
+        rz.realize(holder, rz.RealizeOptions(backend=backend, layout="auto"))
+        assert isinstance(split.main, rz.RealQuantLinear) and split.main.can_quantize_in_rotation()
+        fused_call = split.main.rotate_and_quantize
+        split.main.rotate_and_quantize = lambda *a, **k: calls.append(k.get("skip")) or fused_call(*a, **k)
+        out = split(x)
+    assert calls == [1]
+    assert rel(out, ref) < 1e-5
