@@ -86,7 +86,8 @@ class Setting:
 
 # (name, quantization settings, [(row name suffix, MSQ row layout)] sharing one calibrated model)
 QUANT_SETTINGS = [
-    ("W8A8 dynamic per-token", dict(w_bits=8, static=False), [("", None)]),
+    ("W8A8 dynamic per-token", dict(w_bits=8, static=False),
+     [("", None), (", rotate then quantize", None, False)]),
     ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False),
      # the same model quantizing the rotated input in a pass of its own, as before the fusion
      [("", None), (", rotate then quantize", None, False)]),
@@ -348,7 +349,7 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     base = min(fp, key=lambda s: med[s.name, "eager"])
 
     def dynamic_of(s):  # the dynamic per-token row of the same kernel family
-        return next((d for d in settings if d.quant and not d.quant["static"]
+        return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
                      and d.quant.get("backend") == s.quant.get("backend")), None)
 
     gpu = any(s.peak_mem for s in settings)
@@ -417,6 +418,14 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
     rounds = min((len(v) for s in settings for v in s.times.values()), default=0)
     if not one or rounds < 3:
         return []
+    fusion = []  # each rotate-then-quantize variant against the same model quantizing inside the transform
+    for s in settings:
+        if s.quant and not s.fuse_rotation:
+            fused = next(f for f in settings if f.quant is s.quant and f.fuse_rotation)
+            for m in modes:
+                med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], fused.times[m])])
+                mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+                fusion.append(f"| {s.name} / {fused.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     lines = ["", f"Paired per-round time ratios against the one-scale row of the same kernels (row / one scale, "
              f"{rounds} rounds; > 1 is slower): median and 95% bootstrap interval of the median.", "",
              "| setting | mode | ratio | 95% interval |", "|---|---|---|---|"] if rows else []
@@ -436,7 +445,7 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
                 continue
             base = min(fp, key=lambda s: statistics.median(s.times["eager"]))
             others = [(f"{base.name} / one scale", base.times["eager"])]
-            dyn = next((d for d in settings if d.quant and not d.quant["static"]
+            dyn = next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
                         and d.quant.get("backend") == ref.quant.get("backend")), None)
             if dyn is not None and m in dyn.times:
                 others.append(("dynamic / one scale", dyn.times[m]))
@@ -448,6 +457,10 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
         lines += ["", f"Speed-ups of one static scale, paired per round ({rounds} rounds; > 1: one scale is faster), "
                   "median and 95% bootstrap interval:", "",
                   "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *speedups]
+    if fusion:
+        lines += ["", "Quantizing inside the online Hadamard transform, paired per round (> 1: rotating first and "
+                  "quantizing in a pass of its own is slower):", "",
+                  "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *fusion]
     return lines
 
 

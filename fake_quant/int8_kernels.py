@@ -131,8 +131,8 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.fuse = fuse
 
-    # the static path in two halves (quantize, then multiply), so that the quantization can run inside the op that
-    # produces the input (the online Hadamard transform, block by block): see RealQuantLinear
+    # each path in two halves (quantize, then multiply), so that the quantization can run inside the op that
+    # produces the input (the online Hadamard transform, block by block of whole rows): see RealQuantLinear
     fuses_input = False
 
     def static(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -149,6 +149,14 @@ class Int8Linear:
 
     def dynamic(self, x: torch.Tensor, clip: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """``x [rows, in]`` quantized per row (symmetric, scales from the rows now), times the weight, plus bias."""
+        codes, row_scale = self.quantize_dynamic(x, clip)
+        return self.multiply_dynamic(codes, row_scale, out_dtype)
+
+    def quantize_dynamic(self, x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token codes and their row scales ``[rows, 1]`` (row by row, so any block of rows on its own)."""
+        raise NotImplementedError
+
+    def multiply_dynamic(self, codes: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
     def set_fuse(self, fuse: bool) -> None:
@@ -196,9 +204,11 @@ class OneDNNInt8Linear(Int8Linear):
     def multiply_static(self, codes, scale, zero, out_dtype):
         return self.matmul(codes, float(scale), int(zero), self.bias, out_dtype)
 
-    def dynamic(self, x, clip, out_dtype):
-        q, row_scale = self._q_rows(x, clip)
-        y = self.matmul(q, 1.0, SIGNED_ZERO, None, torch.float32)
+    def quantize_dynamic(self, x, clip):
+        return self._q_rows(x, clip)
+
+    def multiply_dynamic(self, codes, row_scale, out_dtype):
+        y = self.matmul(codes, 1.0, SIGNED_ZERO, None, torch.float32)
         return self._rescale(y, row_scale, out_dtype)
 
 
@@ -280,9 +290,11 @@ class FbgemmInt8Linear(Int8Linear):
             return self._rescale(self._run(codes, 1.0, 64, self.packed), scale * 2, out_dtype)
         return self._rescale(self._run(codes, 1.0, int(zero), self.packed), scale, out_dtype)
 
-    def dynamic(self, x, clip, out_dtype):
+    def quantize_dynamic(self, x, clip):
+        return self._q_rows(x, clip)
+
+    def multiply_dynamic(self, codes, row_scale, out_dtype):
         self._bias_kind(False)
-        codes, row_scale = self._q_rows(x, clip)
         y = self._run(codes, 1.0, SIGNED_ZERO, self.packed)
         return self._rescale(y, row_scale, out_dtype)
 

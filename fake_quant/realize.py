@@ -330,17 +330,35 @@ class RealQuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def can_quantize_in_rotation(self) -> bool:
-        return self.static and self.fuse_rotation and self.kernel.fuses_input
+        return self.fuse_rotation and self.kernel.fuses_input
 
     def rotate_and_quantize(self, x: torch.Tensor, rotation: nn.Module,
                             skip: int = 0) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """``self(rotation(x)[..., skip:])`` with the quantization inside the rotation: a static scale lets each
-        block of rotated rows be quantized while it is in cache, and the rotated rows themselves are never written
-        out (only the codes are). One scale for all rows, or a majority pass (the few other rows are kept in float
-        from the same transform and redone with their own scale). Returns the 2-D output and the rotated first
-        ``skip`` columns in float (an RMS split's branch input), or None where neither applies (the caller
-        rotates, then runs the usual path)."""
+        """``self(rotation(x)[..., skip:])`` with the quantization inside the rotation: each block of rotated rows
+        (whole rows) is quantized while it is in cache, and the rotated rows themselves are never written out
+        (only the codes are). Static: one scale for all rows, or a majority pass (the few other rows are kept in
+        float from the same transform and redone with their own scale). Dynamic per token: each block's rows get
+        their scales from themselves, as they would from the whole input. Returns the 2-D output and the rotated
+        first ``skip`` columns in float (an RMS split's branch input), or None where none of these applies (the
+        caller rotates, then runs the usual path)."""
         rows = x.numel() // x.shape[-1]
+        skipped: list[torch.Tensor] = []
+        x2d = x.reshape(rows, x.shape[-1])
+        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+        if not self.static:
+            row_scales: list[torch.Tensor] = []
+
+            def quantize_rows(block: torch.Tensor, first: int) -> torch.Tensor:
+                if skip:
+                    skipped.append(block[:, :skip].clone())
+                    block = block[:, skip:]
+                codes, row_scale = self.kernel.quantize_dynamic(block, self.clip)
+                row_scales.append(row_scale)
+                return codes
+
+            codes = rotation(x2d, epilogue=quantize_rows)
+            y = self.kernel.multiply_dynamic(codes, torch.cat(row_scales), dtype)
+            return y, (torch.cat(skipped) if skip else None)
         plan = self.planner.plan(rows) if self.num_groups > 1 and self.planner is not None else None
         others: list[tuple[int, int, int]] = []
         if plan is None:
@@ -354,7 +372,6 @@ class RealQuantLinear(nn.Module):
             return None
         scale, zero = self.scales[g], self.zeros[g]
         kept: dict[int, torch.Tensor] = {}
-        skipped: list[torch.Tensor] = []
 
         def quantize(block: torch.Tensor, first: int) -> torch.Tensor:
             if skip:
@@ -367,9 +384,7 @@ class RealQuantLinear(nn.Module):
                     kept[lo] = block[lo - first:hi - first].clone()
             return self.kernel.quantize_static(block, scale, zero)
 
-        x2d = x.reshape(rows, x.shape[-1])
         codes = rotation(x2d, epilogue=quantize)
-        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
         y = self.kernel.multiply_static(codes, scale, zero, dtype)
         for a, b, og in others:
             rotated = torch.cat([kept[lo] for lo in sorted(kept) if a <= lo < b])
@@ -397,7 +412,7 @@ class RealQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         mode = f"static x{self.num_groups} ({self.layout})" if self.static else "dynamic per-token"
-        if self.static and self.online_rotation is not None and self.fuse_rotation and self.kernel.fuses_input:
+        if self.online_rotation is not None and self.can_quantize_in_rotation():
             mode += ", quantized inside the Hadamard transform"
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel.name}, {mode}"
                 + (", reduce_range" if getattr(self.kernel, "reduce_range", False) else "")

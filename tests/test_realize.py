@@ -333,17 +333,17 @@ def test_auto_layout_slices_few_runs_and_gathers_many():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("w_bits", [8, 4])
-@pytest.mark.parametrize("case", ["one scale", "majority pass across blocks", "sink set only"])
+@pytest.mark.parametrize("case", ["one scale", "majority pass across blocks", "sink set only", "dynamic"])
 def test_quantizing_inside_the_hadamard_transform_equals_fake_quant(backend, w_bits, case, monkeypatch):
-    """With a static scale the codes are made block by block inside the online Hadamard transform (blocks of 7 rows
-    here, so runs of the other scale sets straddle block edges and the batch edge); the same numbers as rotating
-    first and as the fake-quant layer."""
+    """The codes are made block by block inside the online Hadamard transform (blocks of 7 rows here, so runs of the
+    other scale sets straddle block edges and the batch edge; per-token scales come from each block's own whole
+    rows); the same numbers as rotating first and as the fake-quant layer."""
     from fake_quant import hadamard_utils
 
     monkeypatch.setattr(hadamard_utils, "ROW_BLOCK_ELEMENTS", 64 * 7)
     ctx = RowGroupContext()
-    groups = 1 if case == "one scale" else 3
-    ql = calibrated(groups=groups, w_bits=w_bits, rotation=True, ctx=ctx)
+    groups = 1 if case in ("one scale", "dynamic") else 3
+    ql = calibrated(static=case != "dynamic", groups=groups, w_bits=w_bits, rotation=True, ctx=ctx)
     idx = groups_index(seq=64, visual=(2, 62))  # per prompt: the sink, one text row, 60 visual rows, two text rows
     if case == "sink set only":
         idx = torch.full_like(idx, SINK)
@@ -369,16 +369,15 @@ def test_quantizing_inside_the_hadamard_transform_equals_fake_quant(backend, w_b
 
 
 def test_quantizing_inside_the_transform_is_not_used_where_it_does_not_apply():
-    """Dynamic rows need their statistics first, and an even mix of scale sets has no majority pass: both rotate
+    """An even mix of scale sets has no majority pass (each set's rows would need their own pass): it rotates
     first."""
     ctx = RowGroupContext()
-    dyn = calibrated(static=False, rotation=True, ctx=ctx)
     msq = calibrated(groups=3, rotation=True, ctx=ctx, seed=1)
     idx = groups_index()  # 24 visual rows of 40: no majority pass
     x = layer_input(idx, 15)
     ctx.set(idx)
     with torch.no_grad():
-        for ql in (dyn, msq):
+        for ql in (msq,):
             ref = ql(x)
             real, _ = realized(ql)
             seen = []
