@@ -343,14 +343,23 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
         c.remove()
 
 
+MODE_LABEL = {"eager": "eager quantize", "fused": "compiled quantize"}
+
+
+def fp_baseline(settings: list[Setting]) -> Setting:
+    """The faster floating-point row (median prefill)."""
+    return min((s for s in settings if not s.quant), key=lambda s: statistics.median(s.times["eager"]))
+
+
+def dynamic_of(settings: list[Setting], s: Setting) -> Setting | None:
+    """The dynamic per-token row of ``s``'s kernel family (its main row, not a variant)."""
+    return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
+                 and d.quant.get("backend") == s.quant.get("backend")), None)
+
+
 def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     med = {(s.name, m): statistics.median(v) for s in settings for m, v in s.times.items()}
-    fp = [s for s in settings if not s.quant]
-    base = min(fp, key=lambda s: med[s.name, "eager"])
-
-    def dynamic_of(s):  # the dynamic per-token row of the same kernel family
-        return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
-                     and d.quant.get("backend") == s.quant.get("backend")), None)
+    base = fp_baseline(settings)
 
     gpu = any(s.peak_mem for s in settings)
     mem_col = "prefill peak GPU memory MB" if gpu else "prefill peak RSS MB"
@@ -362,16 +371,16 @@ def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
     lin = {(s.name, m): statistics.median(v) for s in settings for m, v in s.linear_times.items()}
     gemm = {(s.name, m): statistics.median(v) for s in settings for m, v in s.gemm_times.items()}
     attn = {(s.name, m): statistics.median(v) for s in settings for m, v in s.attn_times.items()}
-    fp32 = next(s for s in fp if s.dtype == torch.float32)
+    fp32 = next(s for s in settings if not s.quant and s.dtype == torch.float32)
     def ms(v):
         return "" if v != v else f"{v * 1e3:.0f}"  # NaN: not measured (GPU)
 
     for s in settings:
-        dyn = dynamic_of(s) if s.quant else None
+        dyn = dynamic_of(settings, s) if s.quant else None
         for m in (modes if s.quant else ("eager",)):
             t = med[s.name, m]
             vs_dyn = f"{med[dyn.name, m] / t:.2f}" if dyn is not None else ""
-            mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m] if s.quant else str(s.dtype).replace("torch.", "")
+            mode = MODE_LABEL[m] if s.quant else str(s.dtype).replace("torch.", "")
             lin_dyn = f"{lin[dyn.name, m] / lin[s.name, m]:.2f}" if dyn is not None and not gpu else ""
             mem = s.peak_mem.get(m, 0) if gpu else s.rss[m]
             lines.append(f"| {s.name} | {mode} | {t * 1e3:.1f} | {med[fp32.name, 'eager'] / t:.2f} | "
@@ -424,7 +433,7 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
             fused = next(f for f in settings if f.quant is s.quant and f.fuse_rotation)
             for m in modes:
                 med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], fused.times[m])])
-                mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+                mode = MODE_LABEL[m]
                 fusion.append(f"| {s.name} / {fused.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     lines = ["", f"Paired per-round time ratios against the one-scale row of the same kernels (row / one scale, "
              f"{rounds} rounds; > 1 is slower): median and 95% bootstrap interval of the median.", "",
@@ -434,24 +443,22 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
             if m not in s.times or m not in ref.times:
                 continue
             med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], ref.times[m])])
-            mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+            mode = MODE_LABEL[m]
             lines.append(f"| {s.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     # the targets' speed-ups of one static scale, paired the same way (> 1: one scale is faster)
-    fp = [s for s in settings if not s.quant]
+    base = fp_baseline(settings)
     speedups = []
     for ref in one.values():
+        dyn = dynamic_of(settings, ref)
         for m in modes:
             if m not in ref.times:
                 continue
-            base = min(fp, key=lambda s: statistics.median(s.times["eager"]))
             others = [(f"{base.name} / one scale", base.times["eager"])]
-            dyn = next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
-                        and d.quant.get("backend") == ref.quant.get("backend")), None)
             if dyn is not None and m in dyn.times:
                 others.append(("dynamic / one scale", dyn.times[m]))
             for label, times in others:
                 med, lo, hi = median_interval([a / b for a, b in zip(times, ref.times[m])])
-                mode = {"eager": "eager quantize", "fused": "compiled quantize"}[m]
+                mode = MODE_LABEL[m]
                 speedups.append(f"| {ref.name}: {label} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     if speedups:
         lines += ["", f"Speed-ups of one static scale, paired per round ({rounds} rounds; > 1: one scale is faster), "

@@ -69,11 +69,17 @@ def quantize_u8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tor
     return q.to(torch.uint8)
 
 
+def row_scales(xf: torch.Tensor, clip: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Dynamic symmetric per-token scales ``[rows, 1]``: each row's absolute maximum times ``clip``, over ``qmax``
+    (the fake quantizer's min-max rule, to the last bit)."""
+    return (xf.abs().amax(dim=-1, keepdim=True) * clip / qmax).clamp_min(MIN_SCALE)
+
+
 def quantize_rows_u8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token: each row's scale from its absolute maximum (times ``clip``), then
     the codes shifted onto uint8. Returns ``(codes, scales [rows, 1])``."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(MIN_SCALE)
+    scale = row_scales(xf, clip, 127)
     q = (xf / scale).round_().add_(SIGNED_ZERO).clamp_(0, U8_MAX)
     return q.to(torch.uint8), scale
 
@@ -82,7 +88,7 @@ def quantize_rows_float(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tens
     """As :func:`quantize_rows_u8`, but the signed codes stay float32 (fbgemm quantizes its input itself,
     and does it exactly for integer values at scale 1)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(MIN_SCALE)
+    scale = row_scales(xf, clip, 127)
     return (xf / scale).round_().clamp_(-128, 127), scale
 
 

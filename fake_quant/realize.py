@@ -302,6 +302,20 @@ class RealQuantLinear(nn.Module):
     def _static(self, x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
         return self.kernel.static(x, self.scales[g], self.zeros[g], dtype)
 
+    def _plan(self, rows: int) -> RowPlan | None:
+        """This forward's row plan when the layer has several scale sets, else None."""
+        return self.planner.plan(rows) if self.num_groups > 1 and self.planner is not None else None
+
+    def _whole_group(self, plan: RowPlan | None) -> int | None:
+        """The scale set that serves every row (no plan, or a plan of one set), else None."""
+        if plan is None:
+            return self.default_group if self.num_groups > 1 else 0
+        return plan.runs[0][2] if len(plan.counts) == 1 else None
+
+    @staticmethod
+    def _out_dtype(x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_rotation is not None and self.can_quantize_in_rotation():
             out = self.rotate_and_quantize(x, self.online_rotation)
@@ -311,15 +325,14 @@ class RealQuantLinear(nn.Module):
             x = self.online_rotation(x)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
-        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+        dtype = self._out_dtype(x)
         if not self.static:
             y = self.kernel.dynamic(x2d, self.clip, dtype)
         else:
-            plan = self.planner.plan(x2d.shape[0]) if self.num_groups > 1 and self.planner is not None else None
-            if plan is None:
-                y = self._static(x2d, self.default_group if self.num_groups > 1 else 0, dtype)
-            elif len(plan.counts) == 1:
-                y = self._static(x2d, plan.runs[0][2], dtype)
+            plan = self._plan(x2d.shape[0])
+            whole = self._whole_group(plan)
+            if whole is not None:
+                y = self._static(x2d, whole, dtype)
             elif self.layout == "rows":
                 index = plan.index.to(self.scale_table.device)
                 y = self.kernel.static_rows(x2d, self.scale_table[index], self.zero_table[index], dtype)
@@ -342,41 +355,40 @@ class RealQuantLinear(nn.Module):
         first ``skip`` columns in float (an RMS split's branch input), or None where none of these applies (the
         caller rotates, then runs the usual path)."""
         rows = x.numel() // x.shape[-1]
-        skipped: list[torch.Tensor] = []
         x2d = x.reshape(rows, x.shape[-1])
-        dtype = x.dtype if x.dtype in KERNEL_OUT_DTYPES else torch.float32
+        dtype = self._out_dtype(x)
+        skipped: list[torch.Tensor] = []
+
+        def split_off(block: torch.Tensor) -> torch.Tensor:  # the first ``skip`` columns stay float, set aside
+            if skip:
+                skipped.append(block[:, :skip].clone())
+                block = block[:, skip:]
+            return block
+
         if not self.static:
             row_scales: list[torch.Tensor] = []
 
             def quantize_rows(block: torch.Tensor, first: int) -> torch.Tensor:
-                if skip:
-                    skipped.append(block[:, :skip].clone())
-                    block = block[:, skip:]
-                codes, row_scale = self.kernel.quantize_dynamic(block, self.clip)
+                codes, row_scale = self.kernel.quantize_dynamic(split_off(block), self.clip)
                 row_scales.append(row_scale)
                 return codes
 
             codes = rotation(x2d, epilogue=quantize_rows)
             y = self.kernel.multiply_dynamic(codes, torch.cat(row_scales), dtype)
             return y, (torch.cat(skipped) if skip else None)
-        plan = self.planner.plan(rows) if self.num_groups > 1 and self.planner is not None else None
+        plan = self._plan(rows)
+        g = self._whole_group(plan)
         others: list[tuple[int, int, int]] = []
-        if plan is None:
-            g = self.default_group if self.num_groups > 1 else 0
-        elif len(plan.counts) == 1:
-            g = plan.runs[0][2]
-        elif self.layout in ("slices", "auto") and self.majority_pass and plan.majority_pass():
+        if g is None:
+            if not (self.layout in ("slices", "auto") and self.majority_pass and plan.majority_pass()):
+                return None
             g = plan.majority
             others = [r for r in plan.runs if r[2] != g]
-        else:
-            return None
         scale, zero = self.scales[g], self.zeros[g]
         kept: dict[int, torch.Tensor] = {}
 
         def quantize(block: torch.Tensor, first: int) -> torch.Tensor:
-            if skip:
-                skipped.append(block[:, :skip].clone())
-                block = block[:, skip:]
+            block = split_off(block)
             last = first + block.shape[0]
             for a, b, _ in others:  # keep the rotated rows of the other sets, as floats
                 if a < last and b > first:

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .bit_type import E4M3_MAX
-from .int8_kernels import SIGNED_ZERO, Int8Linear, quantizer, quantizer_registry
-from .qparams import MIN_SCALE
+from .int8_kernels import SIGNED_ZERO, Int8Linear, quantizer, quantizer_registry, row_scales
 
 FP8 = torch.float8_e4m3fn
 FP8_WEIGHT_CODE_MAX = 16  # integers of magnitude <= 16 are exact e4m3 numbers (17 is not)
@@ -55,7 +54,7 @@ def quantize_s8(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tor
 def quantize_rows_s8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic symmetric per-token int8 codes and their row scales ``[rows, 1]``."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / 127).clamp_min(MIN_SCALE)
+    scale = row_scales(xf, clip, 127)
     return (xf / scale).round_().clamp_(-128, 127).to(torch.int8), scale
 
 
@@ -67,31 +66,23 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_rows_fp8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token e4m3 codes and their row scales ``[rows, 1]`` (``amax * clip / 448``)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip / E4M3_MAX).clamp_min(MIN_SCALE)
+    scale = row_scales(xf, clip, E4M3_MAX)
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
-def int_mm_epilogue(acc: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None, w_sum: torch.Tensor,
-                    w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``(acc - shift * w_sum) * scale * w_scale + bias`` in float32, cast to ``out_dtype`` (``shift``: the
-    activation zero point on int8, None for symmetric grids; ``scale`` / ``shift`` 0-d or one per row)."""
-    y = acc.float()
+def epilogue(y: torch.Tensor, row_scale: torch.Tensor | None, w_scale: torch.Tensor | None,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
+             w_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """What a kernel left to do after it, in float32, then the cast to ``out_dtype``: the activation zero point's
+    share ``shift * w_sum`` taken out (int_mm with an asymmetric grid), the row scales (0-d or ``[rows, 1]``) and
+    the channel scales ``[1, N]`` (None: applied inside the kernel), the bias."""
+    y = y.float()
     if shift is not None:
         y = y - shift * w_sum
-    y = y * (scale * w_scale)
-    if bias is not None:
-        y = y + bias
-    return y.to(out_dtype)
-
-
-def scale_epilogue(y: torch.Tensor, scale: torch.Tensor | None, w_scale: torch.Tensor | None,
-                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """What a kernel left to do after it: the row / channel scales (None: applied inside it), the bias, the cast."""
-    y = y.float()
-    if scale is not None:
-        y = y * scale
-    if w_scale is not None:
-        y = y * w_scale
+    if row_scale is not None and w_scale is not None:
+        y = y * (row_scale * w_scale)
+    elif row_scale is not None or w_scale is not None:
+        y = y * (row_scale if row_scale is not None else w_scale)
     if bias is not None:
         y = y + bias
     return y.to(out_dtype)
@@ -99,8 +90,7 @@ def scale_epilogue(y: torch.Tensor, scale: torch.Tensor | None, w_scale: torch.T
 
 # compiled with the quantizers under --real_quant_fuse: each epilogue is one pass over the output
 quantizer_registry.update({"s8": quantize_s8, "rows_s8": quantize_rows_s8, "fp8": quantize_fp8,
-                           "rows_fp8": quantize_rows_fp8, "int_mm_epilogue": int_mm_epilogue,
-                           "scale_epilogue": scale_epilogue})
+                           "rows_fp8": quantize_rows_fp8, "epilogue": epilogue})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +157,7 @@ class EpilogueLinear(Int8Linear):
         return self.static_rows(x, scale, zero, out_dtype)
 
     def _pick_quantizers(self) -> None:
-        self._epilogue = quantizer("scale_epilogue", self.fuse)
+        self._epilogue = quantizer("epilogue", self.fuse)
 
     def static_rows(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     out_dtype: torch.dtype) -> torch.Tensor:
@@ -191,7 +181,7 @@ class IntMMLinear(EpilogueLinear):
     def _pick_quantizers(self) -> None:
         self._q = quantizer("s8", self.fuse)
         self._q_rows = quantizer("rows_s8", self.fuse)
-        self._epilogue = quantizer("int_mm_epilogue", self.fuse)
+        super()._pick_quantizers()  # the epilogue
 
     def static_rows(self, x, scale, zero, out_dtype):
         xf, rows = self._pad_input(x)
@@ -199,13 +189,13 @@ class IntMMLinear(EpilogueLinear):
         acc = self._unpad(torch._int_mm(self._q(xf, scale, zero), self.w_t), rows)
         # symmetric grids: the codes' zero point on int8 is 0 (known here, so no check of the value at run time)
         shift = self._rows(zero - SIGNED_ZERO, rows) if self.asymmetric else None
-        return self._epilogue(acc, self._rows(scale, rows), shift, self.w_sum, self.w_scale_n, self.bias, out_dtype)
+        return self._epilogue(acc, self._rows(scale, rows), self.w_scale_n, self.bias, out_dtype, shift, self.w_sum)
 
     def dynamic(self, x, clip, out_dtype):
         xf, rows = self._pad_input(x)
         q, row_scale = self._q_rows(xf, clip)
         acc = self._unpad(torch._int_mm(q, self.w_t), rows)
-        return self._epilogue(acc, row_scale[:rows], None, self.w_sum, self.w_scale_n, self.bias, out_dtype)
+        return self._epilogue(acc, row_scale[:rows], self.w_scale_n, self.bias, out_dtype)
 
 
 class Fp8Linear(EpilogueLinear):
@@ -229,7 +219,7 @@ class Fp8Linear(EpilogueLinear):
     def _pick_quantizers(self) -> None:
         self._q = quantizer("fp8", self.fuse)
         self._q_rows = quantizer("rows_fp8", self.fuse)
-        self._epilogue = quantizer("scale_epilogue", self.fuse)
+        super()._pick_quantizers()  # the epilogue
 
     def _mm(self, q: torch.Tensor, row_scale: torch.Tensor, rows: int, out_dtype: torch.dtype) -> torch.Tensor:
         """``q @ w * row_scale * w_scale + bias`` (``row_scale`` 0-d or ``[rows, 1]``)."""
