@@ -14,9 +14,11 @@ Attention at prefill does not use the permuted mask when the batch has no paddin
 mask is the plain causal mask of the original order, so :func:`attention` puts queries, keys and values
 back in the original order (three gathers), runs SDPA with ``is_causal`` -- which skips the upper
 triangle, where an explicit mask makes torch's kernels do the full square -- and permutes the output
-again. Models in transformers reach it as the attention implementation ``"mquant_aifs"`` (set on the
-language model's config by :func:`install`), the project's own decoders call :func:`attention` directly.
-The mask is still built and handed down, for batches with padding and for any other caller.
+again. Models in transformers reach it as the attention implementation ``"mquant"`` (set on the
+language model's config by :func:`install`, or by :func:`use_project_attention` on any model), the project's own
+decoders call :func:`attention` directly. The mask is still built and handed down, for batches with padding and
+for any other caller. Every causal prefill without a mask (this one and the plain one) goes through
+:func:`fake_quant.prefill_attention.causal`: SDPA, or the blocked bf16 CPU attention when that is switched on.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prefill_attention
 from .modality import ModalityState
 
-ATTN_IMPLEMENTATION = "mquant_aifs"
+ATTN_IMPLEMENTATION = "mquant"
 
 
 @dataclass
@@ -61,7 +64,7 @@ def _applies(q: torch.Tensor, k: torch.Tensor) -> _Order | None:
 
 def _original_order(q, k, v, order: _Order, scale, enable_gqa: bool) -> torch.Tensor:
     q, k, v = (_reorder(t, order.inv) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    out = prefill_attention.causal(q, k, v, scale=scale, enable_gqa=enable_gqa)
     return _reorder(out, order.perm)
 
 
@@ -73,19 +76,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     order = _applies(q, k) if attn_mask is not None else None
     if order is not None:
         return _original_order(q, k, v, order, scale, enable_gqa)
+    if is_causal and attn_mask is None:
+        return prefill_attention.causal(q, k, v, scale=scale, enable_gqa=enable_gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa,
                                           is_causal=is_causal and attn_mask is None)
 
 
 def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                   **kwargs):
-    """transformers' attention interface: ``sdpa_attention_forward``, with :func:`attention`'s prefill path."""
+    """transformers' attention interface: ``sdpa_attention_forward``, with :func:`attention`'s prefill paths."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     order = _applies(query, key) if attention_mask is not None else None
-    plain = dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
-    if order is not None and plain and not kwargs.get("output_attentions", False):
-        out = _original_order(query, key, value, order, scaling, enable_gqa=query.shape[1] != key.shape[1])
+    plain = (dropout == 0.0 and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+             and not kwargs.get("output_attentions", False))
+    gqa = query.shape[1] != key.shape[1]
+    if order is not None and plain:
+        out = _original_order(query, key, value, order, scaling, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (plain and causal and attention_mask is None and kwargs.get("sliding_window") is None
+            and query.shape[2] > 1 and prefill_attention.applies(query, key)):  # transformers' sdpa would run is_causal here
+        out = prefill_attention.causal(query, key, value, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
@@ -102,8 +114,9 @@ def _register_hf() -> bool:
     return True
 
 
-def _use_hf_attention(language_model: nn.Module) -> None:
-    """Point every transformers config under ``language_model`` that runs SDPA at :func:`_hf_attention`."""
+def use_project_attention(language_model: nn.Module) -> None:
+    """Point every transformers config under ``language_model`` that runs SDPA at :func:`_hf_attention` (SDPA with
+    the project's prefill paths: AIFS's original order, :mod:`fake_quant.prefill_attention`)."""
     configs = {id(c): c for m in language_model.modules() if (c := getattr(m, "config", None)) is not None
                and getattr(c, "_attn_implementation", None) == "sdpa"}
     if configs and _register_hf():
@@ -146,7 +159,7 @@ def _scatter_back(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def install(language_model: nn.Module, state: ModalityState) -> None:
     """Hooks on the language model (a decoder taking ``inputs_embeds``, ``position_ids``,
     ``attention_mask`` and returning ``last_hidden_state``)."""
-    _use_hf_attention(language_model)
+    use_project_attention(language_model)
 
     def before(module, args, kwargs):
         global _current
