@@ -30,9 +30,15 @@ clocks (in linears / in GEMMs / attention core) are left out: timing them would 
 ``--kernels gpu`` runs the same rows on the CPU (``torch._scaled_mm`` is a reference loop there: a check of
 the rows, not a timing).
 
+Prefill attention (``--attention``, CPU): by default the bf16 rows run the causal prefill attention as blocked
+bf16 GEMMs (:mod:`fake_quant.prefill_attention`; torch's SDPA kernel is no faster in bf16 than in float32 and is
+then half of the prefill at 4k tokens), FP32 rows keep SDPA, and BF16, W8A8 dynamic and W8A8 one-scale rows on
+torch's SDPA kernel are added, so that the attention's own effect is paired within the run. ``--attention sdpa``
+runs torch's kernel everywhere (the tables before the blocked attention existed).
+
     python bench/ttft.py [--part stack|minivlm|all] [--widths 2B] [--layers 2] [--visual 1024,4096]
                          [--repeats 5] [--backend auto|onednn|fbgemm|int_mm|fp8] [--device cpu|cuda]
-                         [--kernels cpu|gpu] [--no_fuse] [--json FILE]
+                         [--kernels cpu|gpu] [--attention blocked|sdpa] [--no_fuse] [--json FILE]
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fake_quant import cpu_isa, pipeline  # noqa: E402
+from fake_quant import aifs, cpu_isa, pipeline, prefill_attention  # noqa: E402
 from fake_quant.config import QuantConfig  # noqa: E402
 from fake_quant.quant_utils import QuantLinear  # noqa: E402
 from fake_quant.realize import RealQuantLinear  # noqa: E402
@@ -75,6 +81,7 @@ class Setting:
     attn_times: dict[str, list[float]] = field(default_factory=dict)
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
     fuse_rotation: bool = True   # static: quantize inside the online Hadamard transform (False: rotate, then quantize)
+    attention: str | None = None  # None: the run's --attention; "sdpa": torch's kernel (a comparison row)
     peak_mem: dict[str, int] = field(default_factory=dict)  # CUDA: peak allocated bytes during the prefill
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -84,13 +91,15 @@ class Setting:
     kl: tuple | None = None               # (KL(FP32 || fake quant), KL(FP32 || realized), prompts)
 
 
-# (name, quantization settings, [(row name suffix, MSQ row layout)] sharing one calibrated model)
+SDPA_ROW = ", torch SDPA attention"
+# (name, quantization settings, [(row name suffix, MSQ row layout[, fuse rotation[, attention]])] sharing one
+# calibrated model); rows with attention "sdpa" run only when the run's attention is the blocked one
 QUANT_SETTINGS = [
     ("W8A8 dynamic per-token", dict(w_bits=8, static=False),
-     [("", None), (", rotate then quantize", None, False)]),
+     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa")]),
     ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False),
      # the same model quantizing the rotated input in a pass of its own, as before the fusion
-     [("", None), (", rotate then quantize", None, False)]),
+     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa")]),
     ("W8A8 MSQ, no AIFS", dict(w_bits=8, static=True, msq=True, aifs=False),
      # one image is one contiguous block in prompt order already: the same model with its runs sliced
      [(" (gather)", "gather"), (", runs sliced", "slices")]),
@@ -301,8 +310,9 @@ class NoClock:
 
 
 def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[str, ...], forward,
-             layers: str, device: torch.device = torch.device("cpu")) -> None:
-    """Interleaved: every (setting, mode) once per round, the starting point rotating round by round."""
+             layers: str, device: torch.device = torch.device("cpu"), attention: str = "sdpa") -> None:
+    """Interleaved: every (setting, mode) once per round, the starting point rotating round by round. Each row's
+    prefill attention is its own (``Setting.attention``) or the run's (``attention``)."""
     jobs = [(s, m) for s in settings for m in (modes if s.quant else ("eager",))]
     clocks = {}
     for s in settings:
@@ -312,6 +322,7 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
         for s, m in jobs:  # warm-up: oneDNN primitives, compiled quantizers, allocator
             apply_layout(s)
             set_fuse(s.model, m == "fused")
+            prefill_attention.set_mode(s.attention or attention)
             forward(s.model, inputs, s.dtype)
         sync(device)
         for r in range(repeats):
@@ -319,6 +330,7 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
             for s, m in jobs[k:] + jobs[:k]:
                 apply_layout(s)
                 set_fuse(s.model, m == "fused")
+                prefill_attention.set_mode(s.attention or attention)
                 gc.collect()
                 clock = clocks[id(s.model)]
                 clock.reset()
@@ -341,20 +353,22 @@ def time_all(settings: list[Setting], inputs: dict, repeats: int, modes: tuple[s
                 s.rss[m] = max(s.rss.get(m, 0), rss.peak - rss.base)
     for c in clocks.values():
         c.remove()
+    prefill_attention.set_mode("sdpa")
 
 
 MODE_LABEL = {"eager": "eager quantize", "fused": "compiled quantize"}
 
 
-def fp_baseline(settings: list[Setting]) -> Setting:
-    """The faster floating-point row (median prefill)."""
-    return min((s for s in settings if not s.quant), key=lambda s: statistics.median(s.times["eager"]))
+def fp_baseline(settings: list[Setting], attention: str | None = None) -> Setting:
+    """The faster floating-point row (median prefill) with the run's attention, or with ``attention``."""
+    return min((s for s in settings if not s.quant and s.attention == attention),
+               key=lambda s: statistics.median(s.times["eager"]))
 
 
 def dynamic_of(settings: list[Setting], s: Setting) -> Setting | None:
-    """The dynamic per-token row of ``s``'s kernel family (its main row, not a variant)."""
+    """The dynamic per-token row of ``s``'s kernel family and attention (its main row, not a variant)."""
     return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
-                 and d.quant.get("backend") == s.quant.get("backend")), None)
+                 and d.attention == s.attention and d.quant.get("backend") == s.quant.get("backend")), None)
 
 
 def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
@@ -446,9 +460,10 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
             mode = MODE_LABEL[m]
             lines.append(f"| {s.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     # the targets' speed-ups of one static scale, paired the same way (> 1: one scale is faster)
-    base = fp_baseline(settings)
     speedups = []
-    for ref in one.values():
+    ones = [s for s in settings if s.quant and s.quant["static"] and not s.quant.get("msq", True) and s.fuse_rotation]
+    for ref in ones:
+        base = fp_baseline(settings, ref.attention)
         dyn = dynamic_of(settings, ref)
         for m in modes:
             if m not in ref.times:
@@ -464,6 +479,18 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
         lines += ["", f"Speed-ups of one static scale, paired per round ({rounds} rounds; > 1: one scale is faster), "
                   "median and 95% bootstrap interval:", "",
                   "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *speedups]
+    attention = []  # each row on torch's SDPA kernel against the same model on the blocked attention
+    for s in settings:
+        if s.attention == "sdpa":
+            sib = next(f for f in settings if f.model is s.model and f.attention is None and f.layout == s.layout
+                       and f.fuse_rotation == s.fuse_rotation)
+            for m in (modes if s.quant else ("eager",)):
+                med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], sib.times[m])])
+                mode = MODE_LABEL[m] if s.quant else str(s.dtype).replace("torch.", "")
+                attention.append(f"| {s.name} / {sib.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    if attention:
+        lines += ["", "The blocked bf16 prefill attention, paired per round (> 1: torch's SDPA kernel is slower):", "",
+                  "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *attention]
     if fusion:
         lines += ["", "Quantizing inside the online Hadamard transform, paired per round (> 1: rotating first and "
                   "quantizing in a pass of its own is slower):", "",
@@ -491,7 +518,9 @@ def stack_model(widths: str, layers: int, vocab: int):
         vision={"depth": 1, "embed_dim": 32, "hidden_size": hidden, "num_heads": 1}, tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration(cfg).eval()
+    model = Qwen2VLForConditionalGeneration(cfg).eval()
+    aifs.use_project_attention(model.model.language_model)  # SDPA, or the blocked bf16 prefill attention (--attention)
+    return model
 
 
 class GivenFeatures:
@@ -546,9 +575,10 @@ def kl_from(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
 
 def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forward, backend: str,
                    visual_part: bool = False, only: list[str] | None = None,
-                   quant_settings: list | None = None) -> list[Setting]:
+                   quant_settings: list | None = None, sdpa_rows: bool = False) -> list[Setting]:
     """FP32 and BF16 models, then each quantized setting: calibrated (fake quant), compared with its realized
-    model on ``probes`` (held-out prompts), realized. A setting's own ``backend`` wins over ``backend``."""
+    model on ``probes`` (held-out prompts), realized. A setting's own ``backend`` wins over ``backend``.
+    ``sdpa_rows``: also the rows that run torch's SDPA kernel instead of the blocked attention."""
     from model.base import Loaded
 
     probe = probes[0]
@@ -557,7 +587,10 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
         fp_logits = [forward(fp32, p, torch.float32) for p in probes]
     settings = [Setting("FP32", None, torch.float32, fp32), Setting("BF16", None, torch.bfloat16,
                                                                     copy.deepcopy(fp32).to(torch.bfloat16))]
+    if sdpa_rows:
+        settings.append(Setting("BF16" + SDPA_ROW, None, torch.bfloat16, settings[1].model, attention="sdpa"))
     for name, q, variants in quant_settings or QUANT_SETTINGS:
+        variants = [v for v in variants if sdpa_rows or v[3:] != ("sdpa",)]
         if only and not any(o.lower() in (name + v[0]).lower() for o in only for v in variants):
             continue
         cfg = quant_config(**q, visual=visual_part)
@@ -570,9 +603,10 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
             noise = rel(with_input_noise(loaded.model, lambda: forward(loaded.model, probe, torch.float32)), ref)
             originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
             pipeline.realize(cfg, loaded, q.get("backend", backend))
-            for suffix, layout, *fuse in variants:
-                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout,
-                            fuse_rotation=fuse[0] if fuse else True)
+            for suffix, layout, *rest in variants:
+                fuse, attention = rest + [True, None][len(rest):]
+                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout, fuse_rotation=fuse,
+                            attention=attention)
                 apply_layout(v)
                 v.noise_error = noise
                 v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
@@ -659,6 +693,20 @@ def choose_fp_dtype(settings: list[Setting], inputs: dict, forward,
     return faster, why
 
 
+def attention_check(settings: list[Setting], inputs: dict, forward, attention: str) -> str:
+    """How far the blocked attention moves the BF16 model's logits, next to how far bf16 itself is from float32."""
+    if attention != "blocked":
+        return ""
+    fp32, bf16 = settings[0], settings[1]
+    with torch.no_grad():
+        ref = forward(fp32.model, inputs, torch.float32).float()
+        sdpa = forward(bf16.model, inputs, torch.bfloat16).float()
+        with prefill_attention.use("blocked"):
+            blocked = forward(bf16.model, inputs, torch.bfloat16).float()
+    return (f"\nlast-token logits of this prompt, relative: BF16 vs FP32 {rel(sdpa, ref):.1e} (torch's SDPA kernel), "
+            f"{rel(blocked, ref):.1e} (blocked attention); blocked vs SDPA in bf16 {rel(blocked, sdpa):.1e}")
+
+
 def part_stack(args, modes) -> list[str]:
     from model.qwen2vl import Qwen2VLAdapter
 
@@ -675,21 +723,25 @@ def part_stack(args, modes) -> list[str]:
     calib = [stack_inputs(256, args.vocab, seed=s, device=device) for s in (1, 2)]
     probes = [stack_inputs(256, args.vocab, seed=s, device=device) for s in (3, 4, 5)]
     settings = build_settings(make_fp, adapter, calib, probes, stack_forward, args.backend, only=args.settings,
+                              sdpa_rows=args.attention == "blocked",
                               quant_settings=GPU_QUANT_SETTINGS if args.kernels == "gpu" else QUANT_SETTINGS)
     out = []
     for nv in args.visual:
         inputs = stack_inputs(nv, args.vocab, device=device)
-        dtype, why = choose_fp_dtype(settings, inputs, stack_forward, device)
+        with prefill_attention.use(args.attention):
+            dtype, why = choose_fp_dtype(settings, inputs, stack_forward, device)
         for s in settings:
             if s.quant:
                 cast_model(s.model, dtype)
                 s.dtype = dtype
             s.times, s.linear_times, s.rss, s.peak_mem = {}, {}, {}, {}
             s.weight_bytes = linear_bytes(s.model, "model.language_model.layers")
-        time_all(settings, inputs, args.repeats, modes, stack_forward, "model.language_model.layers", device)
+        time_all(settings, inputs, args.repeats, modes, stack_forward, "model.language_model.layers", device,
+                 args.attention)
         title = (f"Qwen2-VL-{args.widths} widths, {args.layers} random decoder layers, {nv} visual + {TEXT_TOKENS} "
                  f"text tokens, vocabulary {args.vocab}")
-        out.append(table(settings, title, modes) + "\n\n" + why)
+        out.append(table(settings, title, modes) + "\n\n" + why
+                   + attention_check(settings, inputs, stack_forward, args.attention))
         print(out[-1] + "\n", flush=True)
     return out
 
@@ -720,22 +772,26 @@ def part_minivlm(args, modes) -> list[str]:
         b = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
         return model(**b, use_cache=False, logits_to_keep=1).logits
 
+    aifs.use_project_attention(base.model.get_submodule(llm_blocks.rsplit(".", 1)[0]))
     settings = build_settings(lambda: base.model, adapter, calib, probes, forward, args.backend, visual_part=True,
+                              sdpa_rows=args.attention == "blocked",
                               only=args.settings)
     out = []
     for r in eval_rows[:1]:
         inputs = batch(r)
         n_vis = int(adapter.visual_token_mask(base, inputs).sum())
-        dtype, why = choose_fp_dtype(settings, inputs, forward)
+        with prefill_attention.use(args.attention):
+            dtype, why = choose_fp_dtype(settings, inputs, forward)
         for s in settings:
             if s.quant:
                 cast_model(s.model, dtype)
                 s.dtype = dtype
             s.weight_bytes = linear_bytes(s.model, llm_blocks)
-        time_all(settings, inputs, args.repeats, modes, forward, llm_blocks)
+        time_all(settings, inputs, args.repeats, modes, forward, llm_blocks, attention=args.attention)
         title = (f"MiniVLM (DINOv2-S/14 + SmolLM2-135M, real weights), SynthBench prompt {r['index']}: "
                  f"{inputs['input_ids'].shape[1]} LLM tokens ({n_vis} visual), vision tower included")
-        out.append(table(settings, title, modes) + "\n\n" + why)
+        out.append(table(settings, title, modes) + "\n\n" + why + attention_check(settings, inputs, forward,
+                                                                                  args.attention))
         print(out[-1] + "\n", flush=True)
     return out
 
@@ -757,6 +813,10 @@ def main() -> None:
                     help="which rows: the CPU kernels' (oneDNN / fbgemm) or the GPU kernels' (int_mm, fp8); "
                          "default: those of --device")
     ap.add_argument("--no_fuse", action="store_true", help="skip the compiled-quantize timings")
+    ap.add_argument("--attention", default="blocked", choices=list(prefill_attention.MODES),
+                    help="prefill attention of every row: 'blocked' (default: the bf16 rows on a CPU use "
+                         "fake_quant.prefill_attention, and BF16, dynamic and one-scale rows on torch's SDPA kernel "
+                         "are added for comparison) or 'sdpa' (torch's kernel everywhere)")
     ap.add_argument("--json", default=None, help="also write the tables and the machine to this file")
     ap.add_argument("--settings", default=None, help="only the quantized settings whose names contain one of these "
                     "comma-separated words (case-insensitive), e.g. 'one scale,AIFS'; FP32 and BF16 always run")
@@ -765,6 +825,8 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
     args.kernels = args.kernels or ("gpu" if device.type == "cuda" else "cpu")
+    if device.type != "cpu":
+        args.attention = "sdpa"  # the blocked attention is a CPU path
     if args.kernels == "cpu" and device.type != "cpu":
         ap.error("--kernels cpu: oneDNN and fbgemm run on the CPU; use --device cpu")
     if device.type != "cpu" and args.part != "stack":
@@ -793,6 +855,11 @@ def main() -> None:
     else:
         backend = choose_backend(args.backend)
         head.append(f"int8 backend: {backend} ({'asked for' if args.backend != 'auto' else 'chosen for ' + isa.int8_class})")
+    if args.attention == "blocked":
+        head.append("prefill attention: blocked bf16 GEMMs (fake_quant.prefill_attention) in the bf16 rows, torch's "
+                    "SDPA kernel in float32 and in the rows named so")
+    else:
+        head.append("prefill attention: torch's SDPA kernel")
     head.append(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("\n".join(head) + "\n", flush=True)
     tables = []
