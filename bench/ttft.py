@@ -82,6 +82,7 @@ class Setting:
     layout: str | None = None    # the realized MSQ row layout (two settings may share one model)
     fuse_rotation: bool = True   # static: quantize inside the online Hadamard transform (False: rotate, then quantize)
     attention: str | None = None  # None: the run's --attention; "sdpa": torch's kernel (a comparison row)
+    dynamic_bf16_gemm: bool = False  # dynamic on oneDNN: the kernel writes bf16 before the row scale (two roundings)
     peak_mem: dict[str, int] = field(default_factory=dict)  # CUDA: peak allocated bytes during the prefill
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -92,11 +93,14 @@ class Setting:
 
 
 SDPA_ROW = ", torch SDPA attention"
-# (name, quantization settings, [(row name suffix, MSQ row layout[, fuse rotation[, attention]])] sharing one
-# calibrated model); rows with attention "sdpa" run only when the run's attention is the blocked one
+# (name, quantization settings, [(row name suffix, MSQ row layout[, fuse rotation[, attention[, dynamic bf16
+# GEMM]]])] sharing one calibrated model); rows with attention "sdpa" run only when the run's attention is the
+# blocked one
 QUANT_SETTINGS = [
     ("W8A8 dynamic per-token", dict(w_bits=8, static=False),
-     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa")]),
+     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa"),
+      # a faster, less exact dynamic baseline: the GEMM writes bf16, the row scale is applied to that
+      (", bf16 GEMM output", None, True, None, True)]),
     ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False),
      # the same model quantizing the rotated input in a pass of its own, as before the fusion
      [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa")]),
@@ -368,7 +372,8 @@ def fp_baseline(settings: list[Setting], attention: str | None = None) -> Settin
 def dynamic_of(settings: list[Setting], s: Setting) -> Setting | None:
     """The dynamic per-token row of ``s``'s kernel family and attention (its main row, not a variant)."""
     return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
-                 and d.attention == s.attention and d.quant.get("backend") == s.quant.get("backend")), None)
+                 and not d.dynamic_bf16_gemm and d.attention == s.attention
+                 and d.quant.get("backend") == s.quant.get("backend")), None)
 
 
 def table(settings: list[Setting], title: str, modes: tuple[str, ...]) -> str:
@@ -471,6 +476,10 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
             others = [(f"{base.name} / one scale", base.times["eager"])]
             if dyn is not None and m in dyn.times:
                 others.append(("dynamic / one scale", dyn.times[m]))
+            for d in settings:  # the faster, less exact dynamic variant
+                if d.dynamic_bf16_gemm and d.attention == ref.attention and m in d.times and dyn is not None \
+                        and d.model is dyn.model:
+                    others.append(("dynamic, bf16 GEMM output / one scale", d.times[m]))
             for label, times in others:
                 med, lo, hi = median_interval([a / b for a, b in zip(times, ref.times[m])])
                 mode = MODE_LABEL[m]
@@ -604,9 +613,9 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
             originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
             pipeline.realize(cfg, loaded, q.get("backend", backend))
             for suffix, layout, *rest in variants:
-                fuse, attention = rest + [True, None][len(rest):]
+                fuse, attention, bf16_gemm = rest + [True, None, False][len(rest):]
                 v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout, fuse_rotation=fuse,
-                            attention=attention)
+                            attention=attention, dynamic_bf16_gemm=bf16_gemm)
                 apply_layout(v)
                 v.noise_error = noise
                 v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
@@ -673,6 +682,8 @@ def apply_layout(s: Setting) -> None:
             if s.layout is not None:
                 m.layout = s.layout
             m.fuse_rotation = s.fuse_rotation
+            if hasattr(m.kernel, "dynamic_gemm_out_dtype"):
+                m.kernel.dynamic_gemm_out_dtype = s.dynamic_bf16_gemm
 
 
 def choose_fp_dtype(settings: list[Setting], inputs: dict, forward,

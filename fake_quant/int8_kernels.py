@@ -98,11 +98,23 @@ def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: i
     return (x.float() / scale).round_().clamp_(qmin, qmax)
 
 
+def rescale_rows(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """The epilogue of a kernel that cannot apply the activation scale itself (per-token rows, fbgemm at scale 1):
+    ``y * row_scale + bias`` in float32, rounded once to ``out_dtype``."""
+    y = y.float() * row_scale
+    if bias is not None:
+        y = y + bias
+    return y.to(out_dtype)
+
+
 _COMPILED: dict[str, Callable] = {}
 RECOMPILE_LIMIT = 64
 # every activation quantizer a kernel may ask for by name (fake_quant.scaled_mm adds its own)
+# (and the output rescale of the kernels that need one: the same one-loop treatment under fuse)
 quantizer_registry: dict[str, Callable] = {"u8": quantize_u8, "rows_u8": quantize_rows_u8,
-                                           "rows_float": quantize_rows_float, "float_grid": quantize_float_grid}
+                                           "rows_float": quantize_rows_float, "float_grid": quantize_float_grid,
+                                           "rescale": rescale_rows}
 
 
 def quantizer(name: str, fuse: bool) -> Callable:
@@ -174,6 +186,10 @@ class Int8Linear:
         pass
 
     def _rescale(self, y: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.fuse:  # one compiled loop: read, scale, bias, round once, write
+            return quantizer("rescale", True)(y, row_scale, self.bias, out_dtype)
+        if y.dtype != torch.float32:
+            return rescale_rows(y, row_scale, self.bias, out_dtype)
         y = y.mul_(row_scale)
         if self.bias is not None:
             y = y.add_(self.bias)
@@ -184,7 +200,17 @@ class Int8Linear:
 
 
 class OneDNNInt8Linear(Int8Linear):
+    """oneDNN's u8 x s8 linear (``qlinear_pointwise``): the static activation scale, the weight scales and the bias
+    are applied inside the kernel, which writes the output dtype directly.
+
+    Per-token dynamic rows: the kernel takes one activation scale only, so it runs at scale 1 and the rows are
+    rescaled afterwards (:func:`rescale_rows`). By default its output is float32, so the result is rounded once, as
+    in the static path. ``dynamic_gemm_out_dtype = True`` has the kernel write the output dtype already (bf16: half
+    the bytes written and read again), at the price of a second rounding -- a faster, slightly less exact dynamic
+    baseline that ``bench/ttft.py`` times as a row of its own."""
+
     name = "onednn"
+    dynamic_gemm_out_dtype = False
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, fuse: bool) -> None:
         super().__init__(codes, w_scale, bias, fuse)
@@ -214,7 +240,7 @@ class OneDNNInt8Linear(Int8Linear):
         return self._q_rows(x, clip)
 
     def multiply_dynamic(self, codes, row_scale, out_dtype):
-        y = self.matmul(codes, 1.0, SIGNED_ZERO, None, torch.float32)
+        y = self.matmul(codes, 1.0, SIGNED_ZERO, None, out_dtype if self.dynamic_gemm_out_dtype else torch.float32)
         return self._rescale(y, row_scale, out_dtype)
 
 

@@ -272,6 +272,31 @@ def test_bf16_activations_give_bf16_outputs_close_to_fp32():
     assert rel(out.float(), ref) < 1e-2  # bf16 input rounding moves a few codes; the rest is exact
 
 
+@pytest.mark.skipif("onednn" not in BACKENDS, reason="this torch build has no oneDNN int8 ops")
+def test_dynamic_rows_with_the_gemm_writing_bf16():
+    """oneDNN dynamic rows: the kernel writes float32 by default (one rounding after the row scale, as the static
+    path); ``dynamic_gemm_out_dtype`` lets it write bf16 before the row scale -- a second rounding, nothing more."""
+    ql = calibrated(static=False, seed=3)
+    x = layer_input(groups_index(), 9)
+    with torch.no_grad():
+        xb = x.bfloat16()
+        exact = ql(xb.float())                      # the fake-quant layer on the same bf16 inputs, in float32
+        real, _ = realized(ql, backend="onednn")
+        once = real(xb)
+        real.kernel.dynamic_gemm_out_dtype = True
+        twice = real(xb)
+    assert once.dtype == twice.dtype == torch.bfloat16
+    def ulp(t):  # one bf16 step at each value
+        return torch.ldexp(torch.ones_like(t), torch.frexp(t).exponent - 8)
+
+    product = exact - ql.bias        # what the kernel writes before the bias is added
+    assert ((once.float() - exact).abs() <= ulp(exact) / 2 + 1e-6).all()  # rounded once: half a step
+    # rounded twice: the kernel's bf16 output (the product before the row scale and the bias, relative error at
+    # most 2^-8), then half a step of the result
+    assert ((twice.float() - exact).abs() <= product.abs() * 2.0 ** -8 + ulp(exact) / 2 + 1e-6).all()
+    assert not torch.equal(once, twice)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_quantization_equals_fake_quant(backend):
