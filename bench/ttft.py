@@ -83,6 +83,7 @@ class Setting:
     fuse_rotation: bool = True   # static: quantize inside the online Hadamard transform (False: rotate, then quantize)
     attention: str | None = None  # None: the run's --attention; "sdpa": torch's kernel (a comparison row)
     dynamic_bf16_gemm: bool = False  # dynamic on oneDNN: the kernel writes bf16 before the row scale (two roundings)
+    share_codes: bool = True      # q/k/v and gate/up quantize their common input once (False: each layer itself)
     peak_mem: dict[str, int] = field(default_factory=dict)  # CUDA: peak allocated bytes during the prefill
     rss: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
@@ -93,17 +94,22 @@ class Setting:
 
 
 SDPA_ROW = ", torch SDPA attention"
-# (name, quantization settings, [(row name suffix, MSQ row layout[, fuse rotation[, attention[, dynamic bf16
-# GEMM]]])] sharing one calibrated model); rows with attention "sdpa" run only when the run's attention is the
-# blocked one
+SDPA = {"attention": "sdpa"}  # rows on torch's SDPA kernel: only when the run's attention is the blocked one
+# the same model quantizing the rotated input in a pass of its own, as before that fusion
+ROTATE_FIRST = {"fuse_rotation": False}
+# each of q/k/v (gate/up) quantizing the common input itself
+UNSHARED = {"share_codes": False}
+# (name, quantization settings, [(row name suffix, MSQ row layout[, Setting fields])]); a setting's rows share one
+# calibrated model
 QUANT_SETTINGS = [
     ("W8A8 dynamic per-token", dict(w_bits=8, static=False),
-     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa"),
+     [("", None), (", rotate then quantize", None, ROTATE_FIRST), (", inputs quantized per layer", None, UNSHARED),
+      (SDPA_ROW, None, SDPA),
       # a faster, less exact dynamic baseline: the GEMM writes bf16, the row scale is applied to that
-      (", bf16 GEMM output", None, True, None, True)]),
+      (", bf16 GEMM output", None, {"dynamic_bf16_gemm": True})]),
     ("W8A8 static, one scale", dict(w_bits=8, static=True, msq=False),
-     # the same model quantizing the rotated input in a pass of its own, as before the fusion
-     [("", None), (", rotate then quantize", None, False), (SDPA_ROW, None, True, "sdpa")]),
+     [("", None), (", rotate then quantize", None, ROTATE_FIRST), (", inputs quantized per layer", None, UNSHARED),
+      (SDPA_ROW, None, SDPA)]),
     ("W8A8 MSQ, no AIFS", dict(w_bits=8, static=True, msq=True, aifs=False),
      # one image is one contiguous block in prompt order already: the same model with its runs sliced
      [(" (gather)", "gather"), (", runs sliced", "slices")]),
@@ -372,7 +378,7 @@ def fp_baseline(settings: list[Setting], attention: str | None = None) -> Settin
 def dynamic_of(settings: list[Setting], s: Setting) -> Setting | None:
     """The dynamic per-token row of ``s``'s kernel family and attention (its main row, not a variant)."""
     return next((d for d in settings if d.quant and not d.quant["static"] and d.fuse_rotation
-                 and not d.dynamic_bf16_gemm and d.attention == s.attention
+                 and not d.dynamic_bf16_gemm and d.attention == s.attention and d.share_codes == s.share_codes
                  and d.quant.get("backend") == s.quant.get("backend")), None)
 
 
@@ -446,14 +452,26 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
     rounds = min((len(v) for s in settings for v in s.times.values()), default=0)
     if not one or rounds < 3:
         return []
-    fusion = []  # each rotate-then-quantize variant against the same model quantizing inside the transform
-    for s in settings:
-        if s.quant and not s.fuse_rotation:
-            fused = next(f for f in settings if f.quant is s.quant and f.fuse_rotation)
-            for m in modes:
-                med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], fused.times[m])])
-                mode = MODE_LABEL[m]
-                fusion.append(f"| {s.name} / {fused.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+    def main_of(s: Setting) -> Setting:
+        """The row of ``s``'s model with every default: its variants are paired with it."""
+        return next(f for f in settings if f.model is s.model and f.layout == s.layout and f.fuse_rotation
+                    and f.attention is None and f.share_codes and not f.dynamic_bf16_gemm)
+
+    def variant_pairs(is_variant) -> list[str]:
+        out = []
+        for s in settings:
+            if is_variant(s):
+                ref = main_of(s)
+                for m in (modes if s.quant else ("eager",)):
+                    med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], ref.times[m])])
+                    mode = MODE_LABEL[m] if s.quant else str(s.dtype).replace("torch.", "")
+                    out.append(f"| {s.name} / {ref.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
+        return out
+
+    # each rotate-then-quantize variant against the same model quantizing inside the transform, etc.
+    fusion = variant_pairs(lambda s: not s.fuse_rotation)
+    attention = variant_pairs(lambda s: s.attention == "sdpa")
+    sharing = variant_pairs(lambda s: not s.share_codes)
     lines = ["", f"Paired per-round time ratios against the one-scale row of the same kernels (row / one scale, "
              f"{rounds} rounds; > 1 is slower): median and 95% bootstrap interval of the median.", "",
              "| setting | mode | ratio | 95% interval |", "|---|---|---|---|"] if rows else []
@@ -488,15 +506,6 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
         lines += ["", f"Speed-ups of one static scale, paired per round ({rounds} rounds; > 1: one scale is faster), "
                   "median and 95% bootstrap interval:", "",
                   "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *speedups]
-    attention = []  # each row on torch's SDPA kernel against the same model on the blocked attention
-    for s in settings:
-        if s.attention == "sdpa":
-            sib = next(f for f in settings if f.model is s.model and f.attention is None and f.layout == s.layout
-                       and f.fuse_rotation == s.fuse_rotation)
-            for m in (modes if s.quant else ("eager",)):
-                med, lo, hi = median_interval([a / b for a, b in zip(s.times[m], sib.times[m])])
-                mode = MODE_LABEL[m] if s.quant else str(s.dtype).replace("torch.", "")
-                attention.append(f"| {s.name} / {sib.name} | {mode} | {med:.3f} | [{lo:.3f}, {hi:.3f}] |")
     if attention:
         lines += ["", "The blocked bf16 prefill attention, paired per round (> 1: torch's SDPA kernel is slower):", "",
                   "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *attention]
@@ -504,6 +513,10 @@ def paired_ratios(settings: list[Setting], modes: tuple[str, ...]) -> list[str]:
         lines += ["", "Quantizing inside the online Hadamard transform, paired per round (> 1: rotating first and "
                   "quantizing in a pass of its own is slower):", "",
                   "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *fusion]
+    if sharing:
+        lines += ["", "One quantization of the input that q, k and v (gate and up) share, paired per round (> 1: each "
+                  "layer quantizing the input itself is slower):", "",
+                  "| pair | mode | ratio | 95% interval |", "|---|---|---|---|", *sharing]
     return lines
 
 
@@ -599,7 +612,7 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
     if sdpa_rows:
         settings.append(Setting("BF16" + SDPA_ROW, None, torch.bfloat16, settings[1].model, attention="sdpa"))
     for name, q, variants in quant_settings or QUANT_SETTINGS:
-        variants = [v for v in variants if sdpa_rows or v[3:] != ("sdpa",)]
+        variants = [v for v in variants if sdpa_rows or (v[2:] or [{}])[0].get("attention") != "sdpa"]
         if only and not any(o.lower() in (name + v[0]).lower() for o in only for v in variants):
             continue
         cfg = quant_config(**q, visual=visual_part)
@@ -612,10 +625,9 @@ def build_settings(make_fp, adapter, calib: list[dict], probes: list[dict], forw
             noise = rel(with_input_noise(loaded.model, lambda: forward(loaded.model, probe, torch.float32)), ref)
             originals = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
             pipeline.realize(cfg, loaded, q.get("backend", backend))
-            for suffix, layout, *rest in variants:
-                fuse, attention, bf16_gemm = rest + [True, None, False][len(rest):]
-                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout, fuse_rotation=fuse,
-                            attention=attention, dynamic_bf16_gemm=bf16_gemm)
+            for suffix, layout, *fields in variants:
+                v = Setting(name + suffix, q, torch.float32, loaded.model, layout=layout,
+                            **(fields[0] if fields else {}))
                 apply_layout(v)
                 v.noise_error = noise
                 v.realized_error, v.layer_error = realized_errors(loaded.model, originals,
@@ -682,6 +694,9 @@ def apply_layout(s: Setting) -> None:
             if s.layout is not None:
                 m.layout = s.layout
             m.fuse_rotation = s.fuse_rotation
+            if not hasattr(m, "bench_shared_codes"):  # the model's own cache, kept to switch it back on
+                m.bench_shared_codes = m.shared_codes
+            m.shared_codes = m.bench_shared_codes if s.share_codes else None
             if hasattr(m.kernel, "dynamic_gemm_out_dtype"):
                 m.kernel.dynamic_gemm_out_dtype = s.dynamic_bf16_gemm
 

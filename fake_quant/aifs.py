@@ -95,8 +95,9 @@ def _hf_attention(module, query, key, value, attention_mask, dropout: float = 0.
         out = _original_order(query, key, value, order, scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # where transformers' sdpa would run is_causal: the blocked prefill attention, when it is on and applies
     if (plain and causal and attention_mask is None and kwargs.get("sliding_window") is None
-            and query.shape[2] > 1 and prefill_attention.applies(query, key)):  # transformers' sdpa would run is_causal here
+            and query.shape[2] > 1 and prefill_attention.applies(query, key)):
         out = prefill_attention.causal(query, key, value, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -27,6 +27,7 @@ arithmetic is that of the fake-quant model, the memory of int8. Layers that stay
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,7 @@ class RealizeOptions:
     majority_pass: bool = True  # see MAJORITY_PASS_FRACTION; False: every run of rows is its own call
     reduce_range: bool | None = None  # fbgemm: None = where its int16 pair sums could saturate (no VNNI)
     kernel_quantize: bool = False     # fbgemm: the kernel quantizes its input (exact ties may round the other way)
+    share_codes: bool = True    # layers reading the same input on the same grid (q/k/v, gate/up) quantize it once
 
 
 @dataclass
@@ -260,6 +262,33 @@ class RowPlanner:
 KERNEL_OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+class SharedCodes:
+    """The activation codes of the last layer input, kept for the next layers that read the very same tensor,
+    unchanged, on the very same grid: q, k and v (and gate and up) take one input and, calibrated on the same rows,
+    the same static scale -- or the same per-token rule -- so one quantization serves all of them. The input is
+    held by a weak reference and checked by identity and version counter (a tensor changed in place, or a new
+    one, starts afresh); the codes are kept per grid, named by the kernel's code format and the scale and zero
+    point (or clip ratio) as numbers. Used by the CPU kernels only, whose scales live in host memory."""
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._version = -1
+        self._codes: dict[tuple, object] = {}
+        self.hits = self.misses = 0
+
+    def get(self, x: torch.Tensor, key: tuple, make):
+        if x.is_inference():  # no version counter to prove the input unchanged
+            return make()
+        if self._ref is None or self._ref() is not x or self._version != x._version:
+            self._ref, self._version, self._codes = weakref.ref(x), x._version, {}
+        if key in self._codes:
+            self.hits += 1
+            return self._codes[key]
+        self.misses += 1
+        self._codes[key] = value = make()
+        return value
+
+
 class RealQuantLinear(nn.Module):
     """[online Hadamard] -> uint8 activation codes -> int8 GEMM, equal to the QuantLinear it replaces."""
 
@@ -290,6 +319,8 @@ class RealQuantLinear(nn.Module):
         # transformers reads a module's dtype from its first floating-point parameter; the int8 weights live
         # packed in the kernel, so an empty parameter answers them
         self.weight_probe = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        # the codes of an input another layer has just quantized on the same grid (see SharedCodes)
+        self.shared_codes: SharedCodes | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -301,6 +332,33 @@ class RealQuantLinear(nn.Module):
 
     def _static(self, x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
         return self.kernel.static(x, self.scales[g], self.zeros[g], dtype)
+
+    def _shares(self) -> bool:
+        # the CPU kernels, which quantize and multiply in two halves (the GPU kernels quantize inside their call)
+        return self.shared_codes is not None and self.kernel.fuses_input
+
+    def _code_key(self, g: int | None) -> tuple:
+        """The grid of the codes: the kernel's code format, and scale set ``g``'s scale and zero point (None: the
+        per-token rule's clip ratio)."""
+        grid = (type(self.kernel).__name__, getattr(self.kernel, "reduce_range", False))
+        if g is None:
+            return grid + ("per-token", float(self.clip))
+        return grid + (float(self.scales[g]), float(self.zeros[g]))
+
+    def _whole_static(self, x: torch.Tensor, x2d: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
+        """All rows on scale set ``g``; the codes shared with the layers that read ``x`` on the same grid."""
+        if not self._shares():
+            return self._static(x2d, g, dtype)
+        scale, zero = self.scales[g], self.zeros[g]
+        codes = self.shared_codes.get(x, self._code_key(g), lambda: self.kernel.quantize_static(x2d, scale, zero))
+        return self.kernel.multiply_static(codes, scale, zero, dtype)
+
+    def _whole_dynamic(self, x: torch.Tensor, x2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not self._shares():
+            return self.kernel.dynamic(x2d, self.clip, dtype)
+        codes, row_scale = self.shared_codes.get(x, self._code_key(None),
+                                                 lambda: self.kernel.quantize_dynamic(x2d, self.clip))
+        return self.kernel.multiply_dynamic(codes, row_scale, dtype)
 
     def _plan(self, rows: int) -> RowPlan | None:
         """This forward's row plan when the layer has several scale sets, else None."""
@@ -327,17 +385,17 @@ class RealQuantLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         dtype = self._out_dtype(x)
         if not self.static:
-            y = self.kernel.dynamic(x2d, self.clip, dtype)
+            y = self._whole_dynamic(x, x2d, dtype)
         else:
             plan = self._plan(x2d.shape[0])
             whole = self._whole_group(plan)
             if whole is not None:
-                y = self._static(x2d, whole, dtype)
+                y = self._whole_static(x, x2d, whole, dtype)
             elif self.layout == "rows":
                 index = plan.index.to(self.scale_table.device)
                 y = self.kernel.static_rows(x2d, self.scale_table[index], self.zero_table[index], dtype)
             elif self.layout == "slices" or (self.layout == "auto" and plan.few_runs()):
-                y = self._slices(x2d, plan, dtype)
+                y = self._slices(x2d, plan, dtype, x)
             else:
                 y = self._gather(x2d, plan, dtype)
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -403,10 +461,10 @@ class RealQuantLinear(nn.Module):
             y[a:b] = self._static(rotated, og, dtype)
         return y, (torch.cat(skipped) if skip else None)
 
-    def _slices(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype) -> torch.Tensor:
+    def _slices(self, x2d: torch.Tensor, plan: RowPlan, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
         major = plan.majority
         if self.majority_pass and plan.majority_pass():
-            y = self._static(x2d, major, dtype)
+            y = self._whole_static(x, x2d, major, dtype)
             for a, b, g in plan.runs:
                 if g != major:
                     y[a:b] = self._static(x2d[a:b], g, dtype)
@@ -546,6 +604,7 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
     report = RealizeReport(backend=backend, isa=describe_device(device))
     problems = []
     planners: dict[int, RowPlanner] = {}
+    shared = SharedCodes() if opts.share_codes else None
     for name, ql in targets:
         if _is_fp(ql):
             report.kept_fp.append(name)
@@ -561,6 +620,7 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
         except ValueError as e:
             problems.append(f"{name}: {e}")
             continue
+        real.shared_codes = shared
         set_module(model, name, real)
         report.layers[name] = f"static x{real.num_groups}" if real.static else "dynamic"
         if getattr(real.kernel, "reduce_range", False):
@@ -580,5 +640,6 @@ def realize(model: nn.Module, opts: RealizeOptions | None = None) -> RealizeRepo
     return report
 
 
-__all__ = ["RealizeOptions", "RealizeReport", "RealQuantLinear", "realize", "config_errors", "choose_backend",
-           "KernelUnavailable", "row_plan", "RowPlanner", "BACKENDS", "act_format", "SCALED_MM_KERNELS"]
+__all__ = ["RealizeOptions", "RealizeReport", "RealQuantLinear", "SharedCodes", "realize", "config_errors",
+           "choose_backend", "KernelUnavailable", "row_plan", "RowPlanner", "BACKENDS", "act_format",
+           "SCALED_MM_KERNELS"]

@@ -134,7 +134,8 @@ def test_models_take_the_blocked_path(bf16_pair, monkeypatch):
     monkeypatch.setattr(prefill_attention, "BLOCK_ROWS", 10)  # blocks of a few queries
     calls = []
     fn = prefill_attention.blocked_causal
-    monkeypatch.setattr(prefill_attention, "blocked_causal", lambda q, *a, **kw: calls.append(q.shape[2]) or fn(q, *a, **kw))
+    monkeypatch.setattr(prefill_attention, "blocked_causal",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or fn(q, *a, **kw))
     inp = ad.build_inputs(base, Sample(images(1), "What is shown?"), "cpu")
     inp["pixel_values"] = inp["pixel_values"].to(torch.bfloat16)
     n = inp["input_ids"].shape[1]

@@ -272,6 +272,63 @@ def test_bf16_activations_give_bf16_outputs_close_to_fp32():
     assert rel(out.float(), ref) < 1e-2  # bf16 input rounding moves a few codes; the rest is exact
 
 
+class ThreeReaders(nn.Module):
+    """q, k and v of one input (their forward reads the very same tensor), and a fourth layer of another input."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.q, self.k, self.v, self.o = layers
+
+    def forward(self, x):
+        y = self.q(x) + self.k(x) + self.v(x)
+        return y, self.o(y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["one scale", "msq+sink majority", "dynamic"])
+def test_layers_reading_one_input_share_its_codes(backend, case):
+    """q / k / v calibrated on the same rows have the same static scales (or the same per-token rule): the input is
+    quantized once for all three, with outputs bit-identical to quantizing it three times; a layer whose scale
+    differs, an input changed in place, or another input, gets its own codes."""
+    import copy
+
+    ctx = RowGroupContext()
+    static = case != "dynamic"
+    groups = 3 if "msq" in case else 1
+    idx = groups_index(seq=64, visual=(2, 62))  # mostly visual: MSQ's majority pass over all rows
+    layers = [calibrated(static, groups=groups, ctx=ctx, seed=s, dims=(64, 64)) for s in range(4)]
+    if static:  # the same calibration rows -> the same scales, as in a model
+        for ql in layers[1:3]:
+            ql.input_quantizer.load_state_dict(layers[0].input_quantizer.state_dict())
+    x = layer_input(idx, 5)
+    ctx.set(idx)
+    with torch.no_grad():
+        ref = ThreeReaders(copy.deepcopy(layers))(x)
+        shared = ThreeReaders(copy.deepcopy(layers))
+        rz.realize(shared, rz.RealizeOptions(backend=backend))
+        apart = ThreeReaders(copy.deepcopy(layers))
+        rz.realize(apart, rz.RealizeOptions(backend=backend, share_codes=False))
+        out, out_apart = shared(x), apart(x)
+        cache = shared.q.shared_codes
+        assert apart.q.shared_codes is None
+        assert (cache.hits, cache.misses) == (2, 2)  # k and v reuse q's codes; o reads another tensor
+        assert all(torch.equal(a, b) for a, b in zip(out, out_apart))
+        assert all(rel(a, b) < 1e-5 for a, b in zip(out, ref))
+        assert torch.equal(shared(x)[0], apart(x)[0]) and (cache.hits, cache.misses) == (4, 4)
+        shared.q(x)
+        x.mul_(1.5)  # changed in place between q and k: its version moves, k quantizes it afresh
+        assert torch.equal(shared.k(x), apart.k(x)) and (cache.hits, cache.misses) == (4, 6)
+    if static:  # k calibrated on other rows: its own codes (q's would be a different model), v still shares q's
+        layers[1].input_quantizer.scale.mul_(1.25)
+        with torch.no_grad():
+            ref = ThreeReaders(copy.deepcopy(layers))(x)
+            shared = ThreeReaders(copy.deepcopy(layers))
+            rz.realize(shared, rz.RealizeOptions(backend=backend))
+            out = shared(x)
+        assert (shared.q.shared_codes.hits, shared.q.shared_codes.misses) == (1, 3)
+        assert all(rel(a, b) < 1e-5 for a, b in zip(out, ref))
+
+
 @pytest.mark.skipif("onednn" not in BACKENDS, reason="this torch build has no oneDNN int8 ops")
 def test_dynamic_rows_with_the_gemm_writing_bf16():
     """oneDNN dynamic rows: the kernel writes float32 by default (one rounding after the row scale, as the static
