@@ -16,6 +16,10 @@ Rows: FP32; BF16; then realized int8 models (with their non-GEMM parts in the fa
 the two, measured here first): W8A8 dynamic per-token, W8A8 static with one scale, MSQ without AIFS (rows
 gathered and scattered), MSQ + AIFS (contiguous slices), and W4A8 MQuant (MSQ + AIFS + RMS). Each quantized
 row is timed with the activation quantization in eager passes and compiled into one loop (``torch.compile``).
+Variants of the same calibrated models, each paired with its main row: dynamic and one scale rotating first and
+quantizing in a pass of their own, each layer quantizing its input itself (instead of q/k/v and gate/up sharing
+one quantization), on torch's SDPA kernel; dynamic with oneDNN writing bf16 before the row scale; MSQ's runs
+sliced in prompt order.
 Repeats are interleaved (every setting once per round, the order rotating), and medians are reported; the
 ratios compare medians of this run. Peak RSS: the largest resident set sampled during that row's prefills
 minus the resident set just before (the prefill's working memory), next to the weights' own bytes.
