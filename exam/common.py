@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from fake_quant import checkpoint, pipeline
+from fake_quant import checkpoint, pipeline, prefill_attention
 from fake_quant.config import ActConfig, GPTQConfig, PartConfig, QuantConfig, RMSConfig, RotationConfig, WeightConfig
 
 log = logging.getLogger("mquant")
@@ -45,6 +45,10 @@ def build_parser(family: str, prog: str | None = None) -> argparse.ArgumentParse
     g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    g.add_argument("--prefill_attention", default="sdpa", choices=list(prefill_attention.MODES),
+                   help="causal prefill attention of the language model: torch's SDPA kernel, or 'blocked' bf16 GEMMs "
+                        "over blocks of queries (on a CPU with --dtype bfloat16: 2-3x torch's kernel at thousands of "
+                        "tokens; fake_quant/prefill_attention.py)")
     g.add_argument("--offload", action="store_true",
                    help="keep the transformer blocks on the CPU and move one at a time to --device (less GPU memory)")
     g.add_argument("--seed", type=int, default=42)
@@ -237,6 +241,13 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
         errs += _real_quant_errors(args, cfg)
     elif args.real_quant_fuse or args.real_quant_backend != "auto" or args.real_quant_layout != "auto":
         errs.append("--real_quant_backend / --real_quant_layout / --real_quant_fuse need --real_quant")
+    if args.prefill_attention == "blocked":
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        if not device.startswith("cpu") or dtype != "bfloat16":
+            errs.append(f"--prefill_attention blocked computes the attention with bf16 GEMMs on a CPU, but this run is "
+                        f"{device} / {dtype}: add --device cpu --dtype bfloat16, or drop the flag (torch's SDPA kernel "
+                        "is the fast one on a GPU and in float32)")
     if args.holdout_num is not None and args.dataset_name is None:
         errs.append("--holdout_num needs --dataset_name")
     elif args.holdout_num is not None and args.holdout_num < needed:
@@ -322,6 +333,14 @@ def machine() -> dict:
 
 
 def main(family: str, argv: list[str] | None = None, prog: str | None = None) -> dict:
+    parser = build_parser(family, prog)
+    args = parser.parse_args(argv)
+    with prefill_attention.use(args.prefill_attention):  # calibration and evaluation alike, restored after
+        return _main(family, argv, prog, parser, args)
+
+
+def _main(family: str, argv: list[str] | None, prog: str | None, parser: argparse.ArgumentParser,
+          args: argparse.Namespace) -> dict:
     from evaluation import datasets
     from evaluation.builtin import builtin_rows
     from evaluation.eval import evaluate
@@ -329,8 +348,6 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
     from model import registry
     from model.base import Sample
 
-    parser = build_parser(family, prog)
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     torch.set_grad_enabled(False)
     cfg = config_from_args(args)
@@ -366,6 +383,8 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
     report = pipeline.PipelineReport()
     with pipeline.Stage(report, "load"):
         loaded = adapter.load(args.model_path, "cpu" if args.offload else device, dtype)
+    if args.prefill_attention != "sdpa":  # transformers decoders: through the project's attention implementation
+        pipeline.use_project_attention(adapter, loaded)
     if args.greedy and adapter.decoding(loaded).get("num_beams", 1) > 1:
         loaded.generation.update(num_beams=1, repetition_penalty=1.0)
 
@@ -460,7 +479,8 @@ def main(family: str, argv: list[str] | None = None, prog: str | None = None) ->
             assert not scored & {str(r["index"]) for r in calib_rows}, "a calibration row was scored"
 
     results = {
-        "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device, "dtype": str(dtype).replace("torch.", "")},
+        "model": {"adapter": adapter.name, "model_path": args.model_path, "device": device,
+                  "dtype": str(dtype).replace("torch.", ""), "prefill_attention": args.prefill_attention},
         "config": cfg.to_dict(),
         "command": " ".join(sys.argv if argv is None else [prog or f"quant_{family}.py", *argv]),
         "calibration": {**calib_info, "gptq_rows": [r["index"] for r in gptq_rows],

@@ -457,6 +457,15 @@ def rebuild(cfg: QuantConfig, adapter, loaded, report: PipelineReport | None = N
     return wrapped
 
 
+def use_project_attention(adapter, loaded) -> None:
+    """Run the language model's transformers attention through the project's implementation (SDPA, with AIFS's
+    original-order prefill and the blocked bf16 prefill attention of :mod:`fake_quant.prefill_attention` where
+    those are on). The project's own decoders call it already."""
+    for stack in adapter.stacks(loaded.model):
+        if stack.name == "llm":
+            aifs.use_project_attention(get(loaded.model, stack.root))
+
+
 def realize(cfg: QuantConfig, loaded, backend: str = "auto", fuse: bool = False,
             report: PipelineReport | None = None, layout: str = "auto"):
     """Run the calibrated model's quantized linears on integer or FP8 kernels (:mod:`fake_quant.realize`).

@@ -10,6 +10,7 @@ from fake_quant import aifs, pipeline, prefill_attention
 from fake_quant.config import QuantConfig
 from model import registry
 from model.base import Loaded, Sample
+from tests import DEVICE
 from tests.test_aifs import images
 
 
@@ -150,3 +151,35 @@ def test_models_take_the_blocked_path(bf16_pair, monkeypatch):
             calls.clear()
             assert (got - ref).norm() / ref.norm() < 2e-2
             assert not torch.equal(got, ref)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the blocked attention is a CPU path")
+def test_exam_runs_the_blocked_attention_and_records_it(tmp_path, monkeypatch):
+    """``--prefill_attention blocked --dtype bfloat16`` on a CPU: the tiny Qwen2-VL's prefills take it (prompts of
+    the tiny model are short: the threshold is lowered for the test), results.json says so, the mode is restored."""
+    import json
+
+    from tests import main
+
+    monkeypatch.setattr(prefill_attention, "MIN_TOKENS", 8)
+    calls = []
+    fn = prefill_attention.blocked_causal
+    monkeypatch.setattr(prefill_attention, "blocked_causal",
+                        lambda q, *a, **kw: calls.append(q.shape[2]) or fn(q, *a, **kw))
+    main("qwen2vl", ["--model_path", "tiny", "--dtype", "bfloat16", "--prefill_attention", "blocked",
+                     "--output_dir", str(tmp_path)])
+    assert calls and min(calls) >= 8
+    assert json.loads((tmp_path / "results.json").read_text())["model"]["prefill_attention"] == "blocked"
+    assert prefill_attention.mode() == "sdpa"
+
+
+@pytest.mark.parametrize("extra", [[], ["--dtype", "float32"]])
+def test_exam_refuses_the_blocked_attention_outside_cpu_bf16(tmp_path, capsys, extra):
+    from tests import main
+
+    with pytest.raises(SystemExit):
+        main("qwen2vl", ["--model_path", "tiny", "--prefill_attention", "blocked", *extra,
+                         "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--prefill_attention blocked computes the attention with bf16 GEMMs on a CPU" in err
+    assert "add --device cpu --dtype bfloat16" in err
