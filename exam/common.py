@@ -242,12 +242,11 @@ def check_args(args: argparse.Namespace, cfg: QuantConfig) -> list[str]:
     elif args.real_quant_fuse or args.real_quant_backend != "auto" or args.real_quant_layout != "auto":
         errs.append("--real_quant_backend / --real_quant_layout / --real_quant_fuse need --real_quant")
     if args.prefill_attention == "blocked":
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-        if not device.startswith("cpu") or dtype != "bfloat16":
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        if not device.startswith("cpu") or dtype != torch.bfloat16:
             errs.append(f"--prefill_attention blocked computes the attention with bf16 GEMMs on a CPU, but this run is "
-                        f"{device} / {dtype}: add --device cpu --dtype bfloat16, or drop the flag (torch's SDPA kernel "
-                        "is the fast one on a GPU and in float32)")
+                        f"{device} / {str(dtype).replace('torch.', '')}: add --device cpu --dtype bfloat16, or drop "
+                        "the flag (torch's SDPA kernel is the fast one on a GPU and in float32)")
     if args.holdout_num is not None and args.dataset_name is None:
         errs.append("--holdout_num needs --dataset_name")
     elif args.holdout_num is not None and args.holdout_num < needed:

@@ -98,11 +98,20 @@ def quantize_float_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: i
     return (x.float() / scale).round_().clamp_(qmin, qmax)
 
 
-def rescale_rows(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """The epilogue of a kernel that cannot apply the activation scale itself (per-token rows, fbgemm at scale 1):
-    ``y * row_scale + bias`` in float32, rounded once to ``out_dtype``."""
-    y = y.float() * row_scale
+def epilogue(y: torch.Tensor, row_scale: torch.Tensor | None, w_scale: torch.Tensor | None,
+             bias: torch.Tensor | None, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
+             w_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """What a kernel left to do after it, in float32, then one rounding to ``out_dtype``: the activation zero
+    point's share ``shift * w_sum`` taken out (int_mm with an asymmetric grid), the row scales (0-d or
+    ``[rows, 1]``: per-token rows, fbgemm at scale 1) and the channel scales ``[1, N]`` (None: applied inside the
+    kernel), the bias."""
+    y = y.float()
+    if shift is not None:
+        y = y - shift * w_sum
+    if row_scale is not None and w_scale is not None:
+        y = y * (row_scale * w_scale)
+    elif row_scale is not None or w_scale is not None:
+        y = y * (row_scale if row_scale is not None else w_scale)
     if bias is not None:
         y = y + bias
     return y.to(out_dtype)
@@ -110,11 +119,11 @@ def rescale_rows(y: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | 
 
 _COMPILED: dict[str, Callable] = {}
 RECOMPILE_LIMIT = 64
-# every activation quantizer a kernel may ask for by name (fake_quant.scaled_mm adds its own)
-# (and the output rescale of the kernels that need one: the same one-loop treatment under fuse)
+# every activation quantizer a kernel may ask for by name (fake_quant.scaled_mm adds its own), and the epilogue
+# of the kernels that leave scales to apply after them: the same one-loop treatment under fuse
 quantizer_registry: dict[str, Callable] = {"u8": quantize_u8, "rows_u8": quantize_rows_u8,
                                            "rows_float": quantize_rows_float, "float_grid": quantize_float_grid,
-                                           "rescale": rescale_rows}
+                                           "epilogue": epilogue}
 
 
 def quantizer(name: str, fuse: bool) -> Callable:
@@ -186,11 +195,9 @@ class Int8Linear:
         pass
 
     def _rescale(self, y: torch.Tensor, row_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        if self.fuse:  # one compiled loop: read, scale, bias, round once, write
-            return quantizer("rescale", True)(y, row_scale, self.bias, out_dtype)
-        if y.dtype != torch.float32:
-            return rescale_rows(y, row_scale, self.bias, out_dtype)
-        y = y.mul_(row_scale)
+        if self.fuse or y.dtype != torch.float32:  # compiled: one loop (read, scale, bias, round once, write)
+            return quantizer("epilogue", self.fuse)(y, row_scale, None, self.bias, out_dtype)
+        y = y.mul_(row_scale)  # eager float32: in place
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(out_dtype)
@@ -204,7 +211,7 @@ class OneDNNInt8Linear(Int8Linear):
     are applied inside the kernel, which writes the output dtype directly.
 
     Per-token dynamic rows: the kernel takes one activation scale only, so it runs at scale 1 and the rows are
-    rescaled afterwards (:func:`rescale_rows`). By default its output is float32, so the result is rounded once, as
+    rescaled afterwards (:func:`epilogue`). By default its output is float32, so the result is rounded once, as
     in the static path. ``dynamic_gemm_out_dtype = True`` has the kernel write the output dtype already (bf16: half
     the bytes written and read again), at the price of a second rounding -- a faster, slightly less exact dynamic
     baseline that ``bench/ttft.py`` times as a row of its own."""

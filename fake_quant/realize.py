@@ -550,8 +550,9 @@ def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: 
     aq = ql.input_quantizer
     codes = weight_codes(ql)
     bias = None if ql.bias is None else ql.bias.detach().float().cpu()
-    if backend in CPU_BACKENDS and aq.bit_type.is_float:
-        raise ValueError(f"its activations are on the e4m3 grid, which the {backend} kernel does not take")
+    if (backend == "fp8") != aq.bit_type.is_float:
+        raise ValueError(f"its activations are on the {aq.bit_type} grid, which the {backend} kernel does not "
+                         "take (e4m3 activations run on fp8, integer ones on the others)")
     if backend == "fbgemm":
         reduce = opts.reduce_range
         if reduce is None:  # two codes of a pair at the u8 end times two weights above 64 exceed int16
@@ -562,10 +563,6 @@ def realize_layer(ql: QuantLinear, backend: str, opts: RealizeOptions, planner: 
         kernel = KERNELS["fbgemm"](codes, ql.weight_scale, bias, opts.fuse, reduce_range=reduce,
                                    dynamic=not aq.static, kernel_quantize=opts.kernel_quantize)
     elif backend in SCALED_MM_KERNELS:
-        fp8_grid = aq.bit_type.is_float
-        if (backend == "fp8") != fp8_grid:
-            raise ValueError(f"its activations are on the {aq.bit_type} grid, which the {backend} kernel does not "
-                             "take (e4m3 activations run on fp8, integer ones on the others)")
         kernel = SCALED_MM_KERNELS[backend](codes, ql.weight_scale, bias, opts.fuse,
                                             device=device or ql.weight.device, shape_rules=opts.shape_rules,
                                             asymmetric=aq.static and not aq.bit_type.signed)

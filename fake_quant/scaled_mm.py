@@ -70,27 +70,9 @@ def quantize_rows_fp8(x: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor
     return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8), scale
 
 
-def epilogue(y: torch.Tensor, row_scale: torch.Tensor | None, w_scale: torch.Tensor | None,
-             bias: torch.Tensor | None, out_dtype: torch.dtype, shift: torch.Tensor | None = None,
-             w_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """What a kernel left to do after it, in float32, then the cast to ``out_dtype``: the activation zero point's
-    share ``shift * w_sum`` taken out (int_mm with an asymmetric grid), the row scales (0-d or ``[rows, 1]``) and
-    the channel scales ``[1, N]`` (None: applied inside the kernel), the bias."""
-    y = y.float()
-    if shift is not None:
-        y = y - shift * w_sum
-    if row_scale is not None and w_scale is not None:
-        y = y * (row_scale * w_scale)
-    elif row_scale is not None or w_scale is not None:
-        y = y * (row_scale if row_scale is not None else w_scale)
-    if bias is not None:
-        y = y + bias
-    return y.to(out_dtype)
-
-
-# compiled with the quantizers under --real_quant_fuse: each epilogue is one pass over the output
+# compiled with the quantizers (and int8_kernels.epilogue) under --real_quant_fuse
 quantizer_registry.update({"s8": quantize_s8, "rows_s8": quantize_rows_s8, "fp8": quantize_fp8,
-                           "rows_fp8": quantize_rows_fp8, "epilogue": epilogue})
+                           "rows_fp8": quantize_rows_fp8})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +190,9 @@ class Fp8Linear(EpilogueLinear):
         if asymmetric:
             raise ValueError("the e4m3 grid is symmetric: the fp8 kernel takes no activation zero point")
         if codes.numel() and int(codes.short().abs().max()) > FP8_WEIGHT_CODE_MAX:
-            raise ValueError(f"weight codes up to {int(codes.short().abs().max())} are not exact in e4m3 (only integers up "
-                             f"to {FP8_WEIGHT_CODE_MAX}): the fp8 kernel serves weights of at most 5 bits; run "
-                             "8-bit weights on the int_mm backend")
+            raise ValueError(f"weight codes up to {int(codes.short().abs().max())} are not exact in e4m3 (only "
+                             f"integers up to {FP8_WEIGHT_CODE_MAX}): the fp8 kernel serves weights of at most 5 "
+                             "bits; run 8-bit weights on the int_mm backend")
         super().__init__(codes, w_scale, bias, fuse, device, shape_rules, asymmetric)
         w = self._pad_weight(codes.to(self.device)).to(FP8)
         self.w_t = w.t()  # [K, N] column-major, as _scaled_mm requires
